@@ -1,0 +1,316 @@
+"""Parse sd-scripts' ``--network_args`` (all strings) into one frozen, typed :class:`NetworkArgs`, strictly.
+
+sd-scripts hands every ``k=v`` token over as a string, injects ``dropout`` (float or None) when the user did not
+set it, and passes ``network_dim`` / ``network_alpha`` positionally (``None`` / int / float). LyCORIS' spellings
+are accepted through one alias table and logged; unknown keys and bad values raise ``ValueError`` naming the key,
+the value, what is allowed and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PRESETS", "NetworkArgs", "parse_bool", "parse_network_args"]
+
+#: preset -> (unet scope, text encoders included). Scopes: "all" = Transformer2DModel (+ resnet/down/up blocks
+#: when conv_dim is set); "transformer" = Transformer2DModel only; "attn" = attention projections only.
+PRESETS: dict[str, tuple[str, bool]] = {
+    "full": ("all", True),
+    "attn-mlp": ("transformer", True),
+    "attn-only": ("attn", True),
+    "unet-only": ("all", False),
+    "unet-transformer-only": ("transformer", False),
+}
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+@dataclass(frozen=True)
+class NetworkArgs:
+    """Every option of a DoRA network, after parsing. Defaults live here and nowhere else.
+
+    Attributes:
+        rank: rank of Linear and 1x1 Conv adapters (``network_dim``; None means 4).
+        alpha: their alpha (``network_alpha``; None or 0 means alpha = rank).
+        algo: "dora" or "lora" (plain LoRA, for A/B runs and LyCORIS ``algo=lora`` without ``dora_wd``).
+        conv_dim: rank of kxk Conv adapters; None leaves kxk convs (and the resnet blocks) out.
+        conv_alpha: their alpha; None means ``alpha`` (LyCORIS' default).
+        wd_on_out: True = one magnitude per output row; False (default) = per input column, the axis
+            every UI applies exactly.
+        use_tucker: factor kxk conv adapters as down 1x1 -> mid kxk -> up 1x1 (``lora_mid``).
+        detach_norm: treat ||W0 + sBA|| as a constant in backward (paper section 4.3).
+        dropout: dropout on the rank-r activations (kohya's neuron dropout).
+        rank_dropout: drop whole rank channels (training only), rescaled by 1/(1-p).
+        module_dropout: skip the whole adapter with this probability (training only).
+        rs_lora: scale by alpha/sqrt(rank) instead of alpha/rank (the file stores alpha*sqrt(rank)).
+        preset: which layers get adapters, see :data:`PRESETS`.
+        loraplus_lr_ratio / loraplus_unet_lr_ratio / loraplus_text_encoder_lr_ratio: LoRA+ lr multipliers
+            for ``lora_up`` (None = off).
+    """
+
+    rank: int = 4
+    alpha: float = 1.0
+    algo: str = "dora"
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    wd_on_out: bool = False
+    use_tucker: bool = False
+    detach_norm: bool = True
+    dropout: float | None = None
+    rank_dropout: float | None = None
+    module_dropout: float | None = None
+    rs_lora: bool = False
+    preset: str = "full"
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None
+    loraplus_text_encoder_lr_ratio: float | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def dora(self) -> bool:
+        return self.algo == "dora"
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        return self.alpha if self.conv_alpha is None else self.conv_alpha
+
+
+def parse_bool(key: str, value: Any) -> bool:
+    """Strict boolean: true/false/1/0/yes/no/on/off in any case, or a real bool.
+
+    Raises:
+        ValueError: for anything else (LyCORIS would silently read "0" or "no" as True).
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(
+        f"network_args: {key}={value!r} is not a boolean. Use one of true/false, 1/0, yes/no, on/off "
+        f"(any case), e.g. {key}=True"
+    )
+
+
+def _parse_positive_int(key: str, value: Any) -> int:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number != int(number) or number < 1:
+        raise ValueError(f"network_args: {key}={value!r} must be a positive integer, e.g. {key}=8")
+    return int(number)
+
+
+def _parse_float(key: str, value: Any, low: float, high: float, high_inclusive: bool, example: str) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = math.nan
+    upper_ok = number <= high if high_inclusive else number < high
+    if not math.isfinite(number) or number < low or not upper_ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(
+            f"network_args: {key}={value!r} must be a number in [{low:g}, {high:g}{bracket}, e.g. {key}={example}"
+        )
+    return number
+
+
+def _probability(key: str, value: Any) -> float:
+    return _parse_float(key, value, 0.0, 1.0, False, "0.1")
+
+
+def _alpha(key: str, value: Any) -> float:
+    return _parse_float(key, value, 0.0, math.inf, False, "4")
+
+
+def _lr_ratio(key: str, value: Any) -> float:
+    ratio = _parse_float(key, value, 0.0, math.inf, False, "16")
+    if ratio == 0:
+        raise ValueError(f"network_args: {key}={value!r} must be greater than 0, e.g. {key}=16")
+    return ratio
+
+
+def _algo(key: str, value: Any) -> str:
+    text = str(value).strip().lower()
+    if text in ("dora", "lora", "locon"):
+        return "lora" if text == "locon" else text
+    raise ValueError(
+        f"network_args: {key}={value!r} is not supported. dora_network trains 'dora' (default) or plain "
+        f"'lora'/'locon'; for LoHa/LoKr/other LyCORIS algorithms use --network_module=lycoris.kohya"
+    )
+
+
+def _preset(key: str, value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in PRESETS:
+        closest = difflib.get_close_matches(text, PRESETS, n=1)
+        hint = f" Did you mean '{closest[0]}'?" if closest else ""
+        raise ValueError(
+            f"network_args: preset={value!r} is not a preset.{hint} Allowed: {', '.join(PRESETS)} "
+            f"(preset files are not supported)"
+        )
+    return text
+
+
+def _must_be_false(reason: str) -> Callable[[str, Any], bool]:
+    def check(key: str, value: Any) -> bool:
+        if parse_bool(key, value):
+            raise ValueError(f"network_args: {key}={value!r} is not supported by dora_network: {reason}")
+        return False
+
+    return check
+
+
+# canonical key -> parser. ``None`` values are "not set" for every optional key.
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "algo": _algo,
+    "conv_dim": _parse_positive_int,
+    "conv_alpha": _alpha,
+    "wd_on_out": parse_bool,
+    "dora_wd": parse_bool,
+    "use_tucker": parse_bool,
+    "detach_norm": parse_bool,
+    "dropout": _probability,
+    "rank_dropout": _probability,
+    "module_dropout": _probability,
+    "rs_lora": parse_bool,
+    "preset": _preset,
+    "loraplus_lr_ratio": _lr_ratio,
+    "loraplus_unet_lr_ratio": _lr_ratio,
+    "loraplus_text_encoder_lr_ratio": _lr_ratio,
+    "enable_conv": parse_bool,
+    # LyCORIS keys that GUIs emit with harmless values; anything else is refused with the reason.
+    "bypass_mode": parse_bool,
+    "use_scalar": _must_be_false("use_scalar is a LyCORIS-only option; leave it out"),
+    "train_norm": _must_be_false("norm layers are never trained; leave it out"),
+}
+
+# LyCORIS / older spellings -> (canonical key, transform of the parsed value)
+_ALIASES: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "wd_on_output": ("wd_on_out", lambda v: v),
+    "use_cp": ("use_tucker", lambda v: v),
+    "use_conv_cp": ("use_tucker", lambda v: v),
+    # LyCORIS maps disable_conv_cp=True to Tucker *on* by mistake; the name means the opposite.
+    "disable_conv_cp": ("use_tucker", lambda v: not v),
+    "dora_simple": ("detach_norm", lambda v: v),
+    "constrain": ("constraint", lambda v: v),
+}
+
+# Keys that exist in sd-scripts' networks/lora.py or LyCORIS but that we do not implement: named, not "unknown".
+_UNSUPPORTED: dict[str, str] = {
+    "block_dims": "block-wise ranks are not supported; use preset= to choose layers",
+    "block_alphas": "block-wise alphas are not supported",
+    "conv_block_dims": "block-wise conv ranks are not supported; use conv_dim",
+    "conv_block_alphas": "block-wise conv alphas are not supported; use conv_alpha",
+    "down_lr_weight": "block-wise learning rates are not supported",
+    "mid_lr_weight": "block-wise learning rates are not supported",
+    "up_lr_weight": "block-wise learning rates are not supported",
+    "block_lr_zero_threshold": "block-wise learning rates are not supported",
+    "factor": "it belongs to LoKr (use lycoris.kohya)",
+    "decompose_both": "it belongs to LoKr (use lycoris.kohya)",
+    "full_matrix": "it belongs to LoKr (use lycoris.kohya)",
+    "unbalanced_factorization": "it belongs to LoKr (use lycoris.kohya)",
+    "block_size": "it belongs to DyLoRA (use lycoris.kohya)",
+    "constraint": "it belongs to Diag-OFT/BOFT (use lycoris.kohya)",
+    "rescaled": "it belongs to Diag-OFT/BOFT (use lycoris.kohya)",
+    "rank_dropout_scale": "rank dropout is always rescaled by 1/(1-p)",
+    "train_t5xxl": "only SDXL/SD1.x text encoders are supported",
+    "train_llm_adapter": "only SDXL/SD1.x text encoders are supported",
+}
+
+
+def _closest(key: str) -> str:
+    candidates = list(_PARSERS) + list(_ALIASES)
+    found = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    return f" Did you mean '{found[0]}'?" if found else ""
+
+
+def parse_network_args(
+    network_dim: int | str | None = None,
+    network_alpha: float | int | str | None = None,
+    neuron_dropout: float | None = None,
+    **network_args: Any,
+) -> NetworkArgs:
+    """Turn sd-scripts' arguments into a :class:`NetworkArgs`.
+
+    Args:
+        network_dim: ``--network_dim`` (None means 4).
+        network_alpha: ``--network_alpha`` (None or 0 means alpha = rank).
+        neuron_dropout: ``--network_dropout``; a ``dropout`` in ``network_args`` takes precedence.
+        **network_args: the ``--network_args`` dict; values are strings, or float/None for the injected
+            ``dropout``.
+
+    Returns:
+        The parsed, frozen options.
+
+    Raises:
+        ValueError: unknown key, unsupported key, bad value, or contradictory keys.
+    """
+    rank = 4 if network_dim in (None, "None", "") else _parse_positive_int("network_dim", network_dim)
+    if network_alpha in (None, "None", ""):
+        alpha = float(rank)
+    else:
+        alpha = _alpha("network_alpha", network_alpha)
+        alpha = float(rank) if alpha == 0 else alpha
+
+    parsed: dict[str, Any] = {}
+    for raw_key, value in network_args.items():
+        key = str(raw_key).strip().lower()
+        transform: Callable[[Any], Any] = lambda v: v  # noqa: E731
+        if key in _ALIASES:
+            canonical, transform = _ALIASES[key]
+            logger.warning("network_args: '%s' is LyCORIS' spelling; read as '%s'", raw_key, canonical)
+            key = canonical
+        if key in _UNSUPPORTED:
+            raise ValueError(f"network_args: '{raw_key}' is not supported by dora_network: {_UNSUPPORTED[key]}")
+        if key not in _PARSERS:
+            raise ValueError(
+                f"network_args: unknown key '{raw_key}' (value {value!r}).{_closest(key)} "
+                f"Valid keys: {', '.join(sorted(_PARSERS))}"
+            )
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            continue  # sd-scripts injects dropout=None; "None" means not set
+        new = transform(_PARSERS[key](raw_key, value))
+        if key in parsed and parsed[key] != new:
+            raise ValueError(
+                f"network_args: '{key}' is given twice with different values ({parsed[key]!r} and {new!r}); "
+                f"keep one"
+            )
+        parsed[key] = new
+
+    algo = parsed.pop("algo", "dora")
+    dora_wd = parsed.pop("dora_wd", None)
+    if algo == "lora" and dora_wd:
+        algo = "dora"  # LyCORIS: algo=lora + dora_wd=True is DoRA
+    elif algo == "dora" and dora_wd is False:
+        raise ValueError(
+            "network_args: algo=dora contradicts dora_wd=False. For plain LoRA write algo=lora; for DoRA drop "
+            "dora_wd or set dora_wd=True"
+        )
+    if parsed.pop("bypass_mode", False):
+        logger.info("network_args: bypass_mode=True ignored: dora_network always runs in activation space and "
+                    "keeps DoRA active (LyCORIS' bypass mode silently drops it)")
+    if parsed.pop("enable_conv", True) is False:
+        parsed.pop("conv_dim", None)
+    if "dropout" not in parsed and neuron_dropout is not None:
+        parsed["dropout"] = _probability("network_dropout", neuron_dropout)
+    elif "dropout" in parsed and neuron_dropout not in (None, parsed["dropout"]):
+        logger.warning("network_args: dropout=%s overrides --network_dropout=%s", parsed["dropout"], neuron_dropout)
+    for key in ("dropout", "rank_dropout", "module_dropout"):
+        if parsed.get(key) == 0:
+            parsed.pop(key)
+    if parsed.get("use_tucker") and "conv_dim" not in parsed:
+        logger.warning("network_args: use_tucker=True has no effect without conv_dim (only kxk convs use Tucker)")
+    if "conv_alpha" in parsed and "conv_dim" not in parsed:
+        logger.warning("network_args: conv_alpha has no effect without conv_dim")
+    return NetworkArgs(rank=rank, alpha=alpha, algo=algo, raw=dict(network_args), **parsed)

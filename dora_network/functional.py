@@ -1,0 +1,164 @@
+"""Pure tensor math of DoRA: low-rank deltas, column/row norms, the DoRA weight and its activation-space form.
+
+Notation (DoRA, Liu et al., ICML 2024, eq. 5), for a base weight W0 of shape (out, in, *k):
+
+    V  = W0 + s * B A                   s = alpha / rank,  B = lora_up (out, r),  A = lora_down (r, in, *k)
+    W' = m * V / (||V|| + eps)          m = dora_scale, ||.|| the L2 norm along one axis
+    W(mu) = W0 + mu * (W' - W0)         strength applied outside, as every UI does (mu = 0 is the base model)
+
+Two axes are in use (reference/lycoris-dora.md §1):
+
+- ``wd_on_out=False`` (our default, "in-axis"): one magnitude per *input* column, the norm taken over every dim
+  except dim 1; ``dora_scale`` has shape (1, in) / (1, in, 1, 1).
+- ``wd_on_out=True`` ("out-axis", the paper's code, PEFT): one magnitude per *output* row, the norm over every
+  dim except dim 0; ``dora_scale`` has shape (out, 1) / (out, 1, 1, 1).
+
+Because W' only rescales V along one axis, the forward never needs W': with c = m / (||V|| + eps),
+in-axis  W' x = V (c * x)  and out-axis  W' x = c * (V x).  ``activation_scales`` returns the factors that
+turn the base output and the low-rank output into W(mu) x. Norms are always computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Added to every norm; float32 machine epsilon whatever the weight dtype (LyCORIS uses the dtype's eps,
+#: which becomes 7.8e-3 in bf16 and visibly shrinks small magnitudes).
+EPS: float = float(torch.finfo(torch.float32).eps)
+
+def _acc(tensor: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32 for every half/8-bit/fp32 weight, float64 kept for float64 references."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+__all__ = [
+    "EPS",
+    "activation_scales",
+    "blend",
+    "dora_weight",
+    "lowrank_delta",
+    "norm_dims",
+    "weight_norm",
+]
+
+
+def norm_dims(ndim: int, wd_on_out: bool) -> tuple[int, ...]:
+    """Dims reduced by the DoRA norm of a weight with ``ndim`` dims.
+
+    Args:
+        ndim: 2 for Linear (out, in), 4 for Conv2d (out, in, kh, kw).
+        wd_on_out: True for one norm per output row, False for one per input column.
+
+    Returns:
+        The dims to reduce, so that ``keepdim=True`` gives the ``dora_scale`` shape.
+    """
+    kept = 0 if wd_on_out else 1
+    return tuple(d for d in range(ndim) if d != kept)
+
+
+def weight_norm(weight: torch.Tensor, wd_on_out: bool) -> torch.Tensor:
+    """L2 norm of ``weight`` along the DoRA axis, in float32, shaped like ``dora_scale``.
+
+    Args:
+        weight: (out, in) or (out, in, kh, kw), any floating dtype (float8 included).
+        wd_on_out: the axis, see :func:`norm_dims`.
+
+    Returns:
+        float32 tensor of shape (out, 1[, 1, 1]) if ``wd_on_out`` else (1, in[, 1, 1]).
+    """
+    w = weight.to(_acc(weight))
+    return torch.linalg.vector_norm(w, dim=norm_dims(w.ndim, wd_on_out), keepdim=True)
+
+
+def lowrank_delta(
+    up: torch.Tensor, down: torch.Tensor, scale: float, mid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The low-rank update s * B A in the base weight's layout, in float32.
+
+    Args:
+        up: B, (out, r) or (out, r, 1, 1).
+        down: A, (r, in) or (r, in, kh, kw); (r, in, 1, 1) with Tucker.
+        scale: s = alpha / rank.
+        mid: Tucker core (r, r, kh, kw), or None.
+
+    Returns:
+        (out, in) for Linear, (out, in, kh, kw) for Conv2d.
+    """
+    acc = _acc(up)
+    b = up.to(acc).flatten(1)  # (out, r)
+    if mid is not None:
+        # dW[o,i,h,w] = sum_ab B[o,a] T[a,b,h,w] A[b,i]
+        return scale * torch.einsum("oa,abhw,bi->oihw", b, mid.to(acc), down.to(acc).flatten(1))
+    a = down.to(acc)
+    delta = b @ a.flatten(1)  # (out, in * kh * kw)
+    return scale * delta.reshape(up.shape[0], *a.shape[1:])
+
+
+def dora_weight(
+    base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, wd_on_out: bool, eps: float = EPS
+) -> torch.Tensor:
+    """The explicit DoRA weight W' = m * (W0 + dW) / (||W0 + dW|| + eps), in float32.
+
+    Args:
+        base: W0, (out, in[, kh, kw]).
+        delta: dW from :func:`lowrank_delta`, same shape.
+        magnitude: m, the ``dora_scale`` shape of the axis (a 1-D tensor is not accepted).
+        wd_on_out: the axis.
+        eps: added to the norm.
+
+    Returns:
+        W', float32, shaped like ``base``.
+    """
+    acc = _acc(base)
+    v = base.to(acc) + delta.to(acc)
+    return magnitude.to(acc) * v / (weight_norm(v, wd_on_out) + eps)
+
+
+def blend(base: torch.Tensor, adapted: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """W(mu) = W0 + mu * (W' - W0): strength applied outside, so mu = 0 is exactly the base weight."""
+    acc = _acc(base)
+    base_acc = base.to(acc)
+    return base_acc + multiplier * (adapted.to(acc) - base_acc)
+
+
+def activation_scales(
+    base: torch.Tensor,
+    delta: torch.Tensor,
+    magnitude: torch.Tensor,
+    wd_on_out: bool,
+    multiplier: float,
+    detach_norm: bool = True,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors that give W(mu) x from the base path and the low-rank path without forming W'.
+
+    With c = m / (||W0 + dW|| + eps):
+
+    - in-axis:  W(mu) x = W0 (c_base * x) + mu * s B A (c * x)      (scale the *input* columns)
+    - out-axis: W(mu) x = c_base * (W0 x) + mu * c * (s B A x)      (scale the *output* rows)
+
+    where c_base = 1 - mu + mu * c. The norm is detached by default: the paper (section 4.3) treats
+    ||V|| as a constant in backward, which saves memory at a negligible accuracy cost.
+
+    Args:
+        base: W0 (out, in[, kh, kw]); any dtype, read in float32.
+        delta: dW = s B A, same shape (may carry autograd history).
+        magnitude: m (``dora_scale`` shape).
+        wd_on_out: the axis.
+        multiplier: mu.
+        detach_norm: treat the norm as a constant in backward.
+        eps: added to the norm.
+
+    Returns:
+        (c_base, c): float32 (float64 for a float64 base) tensors of the ``dora_scale`` shape. Multiply c by ``mu`` yourself for the
+        low-rank path.
+    """
+    acc = _acc(base)
+    if detach_norm:
+        with torch.no_grad():
+            norm = weight_norm(base.to(acc) + delta.detach().to(acc), wd_on_out)
+    else:
+        norm = weight_norm(base.to(acc) + delta.to(acc), wd_on_out)
+    c = magnitude.to(acc) / (norm + eps)
+    c_base = c if multiplier == 1.0 else (1.0 - multiplier) + multiplier * c
+    return c_base, c

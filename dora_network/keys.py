@@ -1,0 +1,140 @@
+"""The LyCORIS key layout, and what a file says about each module: rank, alpha, conv kind, Tucker, DoRA, axis.
+
+Per module ``<lora_name>``: ``.lora_down.weight`` (r, in[, kh, kw]), ``.lora_up.weight`` (out, r[, 1, 1]),
+optional ``.lora_mid.weight`` (r, r, kh, kw), ``.alpha`` (scalar) and, for DoRA, ``.dora_scale`` of shape
+(1, in[, 1, 1]) (per input column) or (out, 1[, 1, 1]) (per output row). The shape of ``dora_scale`` is the only
+reliable record of the axis (LyCORIS' default flipped in 3.2.0 and older files carry no metadata for it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ALPHA",
+    "DORA_SCALE",
+    "DOWN",
+    "MID",
+    "UP",
+    "ModuleSpec",
+    "group_by_module",
+    "infer_spec",
+    "normalize_dora_scale",
+]
+
+DOWN = "lora_down.weight"
+UP = "lora_up.weight"
+MID = "lora_mid.weight"
+ALPHA = "alpha"
+DORA_SCALE = "dora_scale"
+SUFFIXES = (DOWN, UP, MID, ALPHA, DORA_SCALE)
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """What a file holds for one module.
+
+    Attributes:
+        rank: r, from ``lora_down``.
+        alpha: the stored alpha (r if the file has none, as kohya reads it).
+        dora: whether ``dora_scale`` is present.
+        wd_on_out: the DoRA axis read from ``dora_scale``'s shape (None for plain LoRA).
+        tucker: whether ``lora_mid`` is present.
+        kernel: (kh, kw) of the adapted conv, None for Linear.
+        in_dim / out_dim: the base layer's channels as implied by the tensors.
+    """
+
+    rank: int
+    alpha: float
+    dora: bool
+    wd_on_out: bool | None
+    tucker: bool
+    kernel: tuple[int, int] | None
+    in_dim: int
+    out_dim: int
+
+
+def group_by_module(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Split ``<name>.<suffix>`` keys into ``{name: {suffix: tensor}}``; returns the unrecognised keys too."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    for key, tensor in state_dict.items():
+        name, _, suffix = key.partition(".")
+        if suffix in SUFFIXES:
+            groups.setdefault(name, {})[suffix] = tensor
+        else:
+            unknown.append(key)
+    return groups, unknown
+
+
+def infer_spec(name: str, tensors: dict[str, torch.Tensor]) -> ModuleSpec:
+    """Read one module's configuration from its tensors.
+
+    Raises:
+        ValueError: ``lora_down``/``lora_up`` missing or with inconsistent shapes.
+    """
+    down, up = tensors.get(DOWN), tensors.get(UP)
+    if down is None or up is None:
+        missing = DOWN if down is None else UP
+        raise ValueError(f"module '{name}' has no '{missing}' tensor; the file is incomplete or not a LoRA/DoRA file")
+    if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
+        raise ValueError(
+            f"module '{name}': lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not form a rank-r "
+            f"pair (expected (r, in[, kh, kw]) and (out, r[, 1, 1]))"
+        )
+    rank = int(down.shape[0])
+    mid = tensors.get(MID)
+    if down.ndim == 2:
+        kernel = None
+    elif mid is not None:
+        kernel = (int(mid.shape[2]), int(mid.shape[3]))
+    else:
+        kernel = (int(down.shape[2]), int(down.shape[3]))
+    in_dim, out_dim = int(down.shape[1]), int(up.shape[0])
+    alpha_tensor = tensors.get(ALPHA)
+    alpha = float(alpha_tensor.float()) if alpha_tensor is not None else float(rank)
+    scale = tensors.get(DORA_SCALE)
+    wd_on_out = None if scale is None else _axis_from_shape(name, tuple(scale.shape), out_dim, in_dim)
+    return ModuleSpec(rank, alpha, scale is not None, wd_on_out, mid is not None, kernel, in_dim, out_dim)
+
+
+def _axis_from_shape(name: str, shape: tuple[int, ...], out_dim: int, in_dim: int) -> bool:
+    """True for per-output-row magnitudes, False for per-input-column, from ``dora_scale``'s shape."""
+    if len(shape) == 1:
+        if shape[0] == out_dim and out_dim != in_dim:
+            return True
+        if shape[0] == in_dim and out_dim != in_dim:
+            return False
+        if shape[0] == out_dim:  # square layer: PEFT's 1-D magnitude is per output row
+            return True
+    elif len(shape) >= 2:
+        if shape[0] == out_dim and all(s == 1 for s in shape[1:]) and not (shape[0] == 1 and shape[1] == in_dim):
+            return True
+        if shape[0] == 1 and shape[1] == in_dim and all(s == 1 for s in shape[2:]):
+            return False
+    raise ValueError(
+        f"module '{name}': dora_scale has shape {shape}, which fits neither (out, 1, ...) = ({out_dim}, 1, ...) "
+        f"nor (1, in, ...) = (1, {in_dim}, ...); the file does not belong to this layer"
+    )
+
+
+def normalize_dora_scale(name: str, tensor: torch.Tensor, spec: ModuleSpec) -> torch.Tensor:
+    """Reshape a 1-D ``dora_scale`` to LyCORIS' 2-D/4-D shape (with a warning: UIs break on 1-D)."""
+    ndim = 2 if spec.kernel is None else 4
+    if tensor.ndim == ndim:
+        return tensor
+    if tensor.ndim != 1 and tensor.numel() not in (spec.in_dim, spec.out_dim):
+        raise ValueError(f"module '{name}': dora_scale shape {tuple(tensor.shape)} cannot be reshaped")
+    logger.warning(
+        "%s: dora_scale has shape %s; reshaped to LyCORIS' %d-D shape (ComfyUI, Forge, A1111, InvokeAI and "
+        "SD.Next apply 1-D magnitudes wrongly; re-save the file to fix it for them)",
+        name, tuple(tensor.shape), ndim,
+    )
+    if spec.wd_on_out:
+        return tensor.reshape((-1,) + (1,) * (ndim - 1))
+    return tensor.reshape((1, -1) + (1,) * (ndim - 2))

@@ -1,0 +1,252 @@
+"""DoRAModule: one DoRA (or plain LoRA) adapter on one base ``nn.Linear`` / ``nn.Conv2d``, by forward patching.
+
+The adapter owns ``lora_down``, ``lora_up``, optional ``lora_mid``, the ``alpha`` buffer and ``dora_scale``, so its
+``state_dict()`` is the LyCORIS file layout. The base module is held in an unregistered reference: it is never
+moved, cast, saved or handed to an optimizer by the network, and its weights are only written by an explicit merge.
+
+Forward (see functional.py for the derivation), with c = m / (||W0 + sBA|| + eps), c_b = 1 - mu + mu*c:
+
+    in-axis : y = base(x * c_b) + mu*s * up(down(x * c))
+    out-axis: y = c_b * base(x) + (1 - c_b) * bias + mu*s * c * up(down(x))
+
+No second weight-sized matmul runs: W' is only formed, without gradient, to take its norm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as DF
+from .keys import ModuleSpec
+
+__all__ = ["DoRAModule", "layer_kind"]
+
+
+def layer_kind(module: nn.Module) -> str:
+    """'linear', 'conv1x1' or 'conv' (kxk) for a base layer; ValueError for anything else."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"grouped Conv2d (groups={module.groups}) is not supported")
+        return "conv1x1" if tuple(module.kernel_size) == (1, 1) else "conv"
+    raise ValueError(f"DoRA adapters wrap nn.Linear or nn.Conv2d, not {type(module).__name__}")
+
+
+class DoRAModule(nn.Module):
+    """A DoRA / LoRA adapter for one base layer.
+
+    Args:
+        lora_name: the adapter's name in files (``lora_unet_..._to_q``).
+        base: the ``nn.Linear`` or ``nn.Conv2d`` to adapt (kept by reference, never registered).
+        rank: r.
+        alpha: alpha; 0 or None means alpha = r. With ``rs_lora`` the stored alpha is alpha*sqrt(r), so that
+            every loader's alpha/r gives the rs-LoRA scale alpha/sqrt(r).
+        dora: False gives a plain LoRA (no ``dora_scale``).
+        wd_on_out: the DoRA axis (False: per input column).
+        use_tucker: Tucker core ``lora_mid`` for kxk convs (ignored for Linear and 1x1).
+        detach_norm: the norm is a constant in backward (paper section 4.3).
+        dropout: dropout on the rank-r activations, training only.
+        rank_dropout: drop rank channels with this probability, training only.
+        module_dropout: skip the adapter with this probability, training only.
+        multiplier: strength mu; W(mu) = W0 + mu * (W' - W0).
+        rs_lora: see ``alpha``.
+    """
+
+    def __init__(
+        self,
+        lora_name: str,
+        base: nn.Module,
+        rank: int,
+        alpha: float | None,
+        *,
+        dora: bool = True,
+        wd_on_out: bool = False,
+        use_tucker: bool = False,
+        detach_norm: bool = True,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        multiplier: float = 1.0,
+        rs_lora: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lora_name = lora_name
+        self.kind = layer_kind(base)
+        object.__setattr__(self, "base_layer", base)  # unregistered on purpose
+        weight = base.weight
+        out_dim, in_dim = weight.shape[0], weight.shape[1]
+        if self.kind == "linear":
+            self.lora_down = nn.Linear(in_dim, rank, bias=False)
+            self.lora_up = nn.Linear(rank, out_dim, bias=False)
+        else:
+            conv: nn.Conv2d = base  # type: ignore[assignment]
+            self.use_tucker = use_tucker and self.kind == "conv"
+            if self.use_tucker:
+                self.lora_down = nn.Conv2d(in_dim, rank, 1, bias=False)
+                self.lora_mid = nn.Conv2d(
+                    rank, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False,
+                    padding_mode=conv.padding_mode,
+                )
+            else:
+                self.lora_down = nn.Conv2d(
+                    in_dim, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False,
+                    padding_mode=conv.padding_mode,
+                )
+            self.lora_up = nn.Conv2d(rank, out_dim, 1, bias=False)
+        self.use_tucker = getattr(self, "lora_mid", None) is not None
+        for layer in (self.lora_down, getattr(self, "lora_mid", None), self.lora_up):
+            if layer is not None:
+                layer.to(device=weight.device)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        if self.use_tucker:
+            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+
+        alpha = float(rank) if not alpha else float(alpha)
+        stored_alpha = alpha * math.sqrt(rank) if rs_lora else alpha
+        self.register_buffer("alpha", torch.tensor(stored_alpha, dtype=torch.float32, device=weight.device))
+        self.rank = rank
+        self.dora = dora
+        self.wd_on_out = wd_on_out
+        self.detach_norm = detach_norm
+        if dora:
+            with torch.no_grad():
+                magnitude = DF.weight_norm(weight, wd_on_out)
+            self.dora_scale = nn.Parameter(magnitude)
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self.multiplier = float(multiplier)
+        self.org_forward: Callable[..., torch.Tensor] | None = None
+        self._had_instance_forward = False
+        self.precalculated = False  # True while the blended weight is baked into the base (network_pre_calc)
+
+    # -- bookkeeping -------------------------------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        """s = alpha / rank, read from the buffer so a loaded alpha takes effect."""
+        return float(self.alpha) / self.rank
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def apply_to(self) -> None:
+        """Route the base layer's forward through this adapter (idempotent)."""
+        if self.org_forward is not None:
+            return
+        base = self.base_layer
+        self._had_instance_forward = "forward" in base.__dict__
+        self.org_forward = base.forward
+        base.forward = self.forward
+
+    def restore(self) -> None:
+        """Undo :meth:`apply_to` exactly: the base layer's forward is what it was before."""
+        if self.org_forward is None:
+            return
+        base = self.base_layer
+        if self._had_instance_forward:
+            base.forward = self.org_forward
+        else:
+            del base.forward
+        self.org_forward = None
+
+    def conform(self, spec: ModuleSpec) -> None:
+        """Make this adapter able to take a file's tensors for it (``load_weights``).
+
+        The DoRA axis follows the file (its ``dora_scale`` shape is the record of how it was trained); rank,
+        Tucker and DoRA-versus-LoRA must already agree.
+
+        Raises:
+            ValueError: the file's rank, Tucker core or DoRA-ness differs from this adapter's.
+        """
+        mine = (self.rank, self.use_tucker, self.dora)
+        theirs = (spec.rank, spec.tucker, spec.dora)
+        if mine != theirs:
+            raise ValueError(
+                f"module '{self.lora_name}': the file has rank={spec.rank}, tucker={spec.tucker}, dora={spec.dora} "
+                f"but this network has rank={self.rank}, tucker={self.use_tucker}, dora={self.dora}. Build the "
+                f"network from the file instead (sd-scripts: --dim_from_weights)"
+            )
+        if self.dora and spec.wd_on_out is not None and spec.wd_on_out != self.wd_on_out:
+            self.wd_on_out = spec.wd_on_out
+            with torch.no_grad():
+                magnitude = DF.weight_norm(self.base_weight, self.wd_on_out).to(self.dora_scale.dtype)
+            self.dora_scale = nn.Parameter(magnitude.to(self.dora_scale.device))
+        self.alpha.fill_(spec.alpha)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.org_forward is not None:
+            return self.org_forward(x)
+        return self.base_layer.__class__.forward(self.base_layer, x)
+
+    # -- math --------------------------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A (Tucker: s * B T A) in float32, shaped like the base weight."""
+        mid = self.lora_mid.weight if self.use_tucker else None
+        return DF.lowrank_delta(self.lora_up.weight, self.lora_down.weight, self.scale, mid)
+
+    def magnitude(self) -> torch.Tensor:
+        """``dora_scale`` (its values; the math up-casts it)."""
+        return self.dora_scale
+
+    @torch.no_grad()
+    def merged_weight(self, multiplier: float | None = None) -> torch.Tensor:
+        """W(mu) = W0 + mu * (W' - W0) in float32 (plain LoRA: W0 + mu * s B A)."""
+        mu = self.multiplier if multiplier is None else float(multiplier)
+        base = self.base_weight
+        delta = self.delta_weight()
+        if not self.dora:
+            return base.to(delta.dtype) + mu * delta
+        return DF.blend(base, DF.dora_weight(base, delta, self.magnitude(), self.wd_on_out), mu)
+
+    def _lowrank(self, x: torch.Tensor) -> torch.Tensor:
+        """up(mid(down(x))) with the dropouts, without the scale."""
+        hidden = self.lora_down(x)
+        if self.training and self.dropout:
+            hidden = F.dropout(hidden, p=self.dropout)
+        if self.use_tucker:
+            hidden = self.lora_mid(hidden)
+        if self.training and self.rank_dropout:
+            shape = (hidden.shape[0], self.rank) + (1,) * (hidden.dim() - 2)
+            if self.kind == "linear":
+                shape = (hidden.shape[0],) + (1,) * (hidden.dim() - 2) + (self.rank,)
+            keep = torch.rand(shape, device=hidden.device) >= self.rank_dropout
+            hidden = hidden * keep.to(hidden.dtype) / (1.0 - self.rank_dropout)
+        return self.lora_up(hidden)
+
+    def _channel_shape(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Reshape a ``dora_scale``-shaped factor to broadcast over activations (channels last for Linear)."""
+        flat = scale.reshape(-1).to(dtype)
+        return flat if self.kind == "linear" else flat.reshape(1, -1, 1, 1)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mu = self.multiplier
+        if (
+            mu == 0.0
+            or self.precalculated
+            or (self.training and self.module_dropout and torch.rand(()) < self.module_dropout)
+        ):
+            return self._base_forward(x)
+        if not self.dora:
+            return self._base_forward(x) + self._lowrank(x) * (mu * self.scale)
+        c_base, c = DF.activation_scales(
+            self.base_weight, self.delta_weight(), self.magnitude(), self.wd_on_out, mu, self.detach_norm
+        )
+        if not self.wd_on_out:
+            scaled = x * self._channel_shape(c, x.dtype)
+            base_in = scaled if c_base is c else x * self._channel_shape(c_base, x.dtype)
+            return self._base_forward(base_in) + self._lowrank(scaled) * (mu * self.scale)
+        out = self._base_forward(x)
+        c_b = self._channel_shape(c_base, out.dtype)
+        result = out * c_b + self._lowrank(x) * (self._channel_shape(c, out.dtype) * (mu * self.scale))
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None:
+            result = result + self._channel_shape(bias.to(c_base.dtype) * (1.0 - c_base.reshape(-1)), out.dtype)
+        return result

@@ -1,0 +1,100 @@
+"""Match a file's modules to a model's adapter targets, and put the file into our canonical form.
+
+A file may name UNet layers in either SDXL spelling (SAI ``input_blocks_...`` or diffusers ``down_blocks_...``),
+name text-encoder layers without the ``text_model_`` level (tools built on transformers 5), or carry a 1-D
+``dora_scale``. :func:`match_file` resolves every name to one of our targets, reads each module's spec from the
+tensors, checks it against the base layer, and returns a state dict keyed and shaped exactly like the network's
+own ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .keys import DORA_SCALE, ModuleSpec, group_by_module, infer_spec, normalize_dora_scale
+from .targets import Target
+from .unet_names import diffusers_to_sai, sai_to_diffusers
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FileMatch", "match_file", "name_aliases"]
+
+
+@dataclass
+class FileMatch:
+    """The outcome of matching a file to a model.
+
+    Attributes:
+        specs: canonical lora_name -> what the file holds for it.
+        state_dict: the file's tensors under canonical names, ``dora_scale`` in 2-D/4-D form.
+        unmatched: file module names that match no layer of the model.
+    """
+
+    specs: dict[str, ModuleSpec]
+    state_dict: dict[str, torch.Tensor]
+    unmatched: list[str]
+
+
+def name_aliases(targets: Sequence[Target]) -> dict[str, str]:
+    """Every other spelling of each target's name -> its canonical ``lora_name``."""
+    aliases: dict[str, str] = {}
+    for target in targets:
+        prefix = target.lora_name[: target.lora_name.index("_", len("lora_"))]  # lora_unet / lora_te1 / ...
+        others: list[str | None] = []
+        if target.component == "unet":
+            others += [sai_to_diffusers(target.path), diffusers_to_sai(target.path)]
+        elif target.path.startswith("text_model."):
+            others.append(target.path[len("text_model."):])
+        for other in others:
+            if other:
+                aliases.setdefault(f"{prefix}.{other}".replace(".", "_"), target.lora_name)
+    return aliases
+
+
+def _check_fits(name: str, spec: ModuleSpec, target: Target) -> None:
+    weight = target.module.weight
+    out_dim, in_dim = int(weight.shape[0]), int(weight.shape[1])
+    kernel = None if weight.ndim == 2 else (int(weight.shape[2]), int(weight.shape[3]))
+    if (spec.out_dim, spec.in_dim, spec.kernel) != (out_dim, in_dim, kernel):
+        got = f"out={spec.out_dim}, in={spec.in_dim}" + (f", kernel={spec.kernel}" if spec.kernel else "")
+        want = f"out={out_dim}, in={in_dim}" + (f", kernel={kernel}" if kernel else "")
+        raise ValueError(
+            f"module '{name}': the file's tensors imply a layer with {got}, but the model's layer has {want}. "
+            f"The file was probably trained on another base model (e.g. an SD1.5 file on SDXL)"
+        )
+
+
+def match_file(state_dict: dict[str, torch.Tensor], targets: Sequence[Target]) -> FileMatch:
+    """Resolve a LyCORIS-layout state dict against ``targets``.
+
+    Raises:
+        ValueError: a module's tensors are inconsistent or do not fit its layer, or two file modules map to
+            the same layer.
+    """
+    by_name = {t.lora_name: t for t in targets}
+    aliases = name_aliases(targets)
+    groups, unknown = group_by_module(state_dict)
+    if unknown:
+        logger.warning("%d keys are not LoRA/DoRA tensors and are ignored, e.g. %s", len(unknown), unknown[:3])
+    specs: dict[str, ModuleSpec] = {}
+    normalized: dict[str, torch.Tensor] = {}
+    unmatched: list[str] = []
+    for file_name, tensors in groups.items():
+        canonical = file_name if file_name in by_name else aliases.get(file_name)
+        if canonical is None:
+            unmatched.append(file_name)
+            continue
+        if canonical in specs:
+            raise ValueError(f"the file holds layer '{canonical}' twice (as '{file_name}' and another spelling)")
+        spec = infer_spec(file_name, tensors)
+        _check_fits(file_name, spec, by_name[canonical])
+        specs[canonical] = spec
+        for suffix, tensor in tensors.items():
+            if suffix == DORA_SCALE:
+                tensor = normalize_dora_scale(file_name, tensor, spec)
+            normalized[f"{canonical}.{suffix}"] = tensor
+    return FileMatch(specs, normalized, unmatched)

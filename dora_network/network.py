@@ -1,0 +1,342 @@
+"""DoRANetwork: the object sd-scripts trains, saves and merges; every method of its network-module contract.
+
+Adapters are registered under their ``lora_name`` so ``state_dict()`` is the file layout. Base modules are never
+registered (accelerate would move, cast and save them). The heavy lifting lives in layers.py (math per layer),
+targets.py (which layers), loading.py (files -> layers), io.py (bytes on disk) and merge.py (baking weights).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import io as dio
+from . import merge
+from .args import PRESETS, NetworkArgs
+from .keys import ModuleSpec
+from .layers import DoRAModule
+from .loading import FileMatch, match_file
+from .targets import Target, find_targets
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DoRANetwork"]
+
+_VERSION_KEY = "dora_network.version"
+
+
+class DoRANetwork(nn.Module):
+    """A set of DoRA/LoRA adapters over a UNet and 0-2 text encoders.
+
+    Args:
+        text_encoders: 0, 1 or 2 text encoders (already normalised to a list).
+        unet: the UNet module, or None.
+        args: parsed options.
+        multiplier: strength mu of every adapter.
+        file_specs: when built from a file, the per-layer specs read from it; only those layers get adapters
+            and each takes its rank/alpha/axis/Tucker/DoRA from the file.
+    """
+
+    def __init__(
+        self,
+        text_encoders: Sequence[nn.Module],
+        unet: nn.Module | None,
+        args: NetworkArgs,
+        multiplier: float = 1.0,
+        file_specs: dict[str, ModuleSpec] | None = None,
+    ) -> None:
+        super().__init__()
+        self.args = args
+        self.multiplier = float(multiplier)
+        unet_scope, with_te = PRESETS[args.preset]
+        from_file = file_specs is not None
+        self.targets: list[Target] = find_targets(
+            text_encoders,
+            unet,
+            unet_scope="all" if from_file else unet_scope,
+            include_text_encoders=with_te or from_file,
+            with_conv_blocks=from_file or args.conv_dim is not None,
+        )
+        if from_file:
+            self.targets = [t for t in self.targets if t.lora_name in file_specs]
+        self.text_encoder_loras: list[DoRAModule] = []
+        self.unet_loras: list[DoRAModule] = []
+        for target in self.targets:
+            module = self._make_module(target, file_specs[target.lora_name] if from_file else None)
+            self.add_module(target.lora_name, module)
+            (self.unet_loras if target.component == "unet" else self.text_encoder_loras).append(module)
+        if not self.targets:
+            raise ValueError(
+                "no layer matched: the text encoders/UNet contain no Transformer2DModel, CLIP attention/MLP or (with "
+                "conv_dim) resnet blocks. dora_network supports SD1.x/SD2.x/SDXL models from sd-scripts and diffusers"
+            )
+        self._norm_cache: dict[str, torch.Tensor | None] = {}
+        self._weight_backup: dict[str, torch.Tensor] = {}
+        self._log_summary()
+
+    # -- construction ------------------------------------------------------------------------------------------
+    def _make_module(self, target: Target, spec: ModuleSpec | None) -> DoRAModule:
+        a = self.args
+        if spec is not None:
+            rank, alpha, dora, wd_on_out, tucker = spec.rank, spec.alpha, spec.dora, bool(spec.wd_on_out), spec.tucker
+            rs_lora = False  # a file stores the effective alpha (alpha*sqrt(r) for rs-LoRA)
+        elif target.kind == "conv":
+            rank, alpha = a.conv_dim or a.rank, a.effective_conv_alpha
+            dora, wd_on_out, tucker, rs_lora = a.dora, a.wd_on_out, a.use_tucker, a.rs_lora
+        else:
+            rank, alpha, dora, wd_on_out, tucker, rs_lora = a.rank, a.alpha, a.dora, a.wd_on_out, False, a.rs_lora
+        return DoRAModule(
+            target.lora_name, target.module, rank, alpha, dora=dora, wd_on_out=wd_on_out, use_tucker=tucker,
+            detach_norm=a.detach_norm, dropout=a.dropout, rank_dropout=a.rank_dropout,
+            module_dropout=a.module_dropout, multiplier=self.multiplier, rs_lora=rs_lora,
+        )
+
+    def _log_summary(self) -> None:
+        kinds = Counter((t.component, t.kind) for t in self.targets)
+        axes = Counter("out" if m.wd_on_out else "in" for m in self.loras if m.dora)
+        ranks = Counter(m.rank for m in self.loras)
+        logger.info(
+            "dora_network: %d adapters (%s); algo=%s, ranks %s, axis %s, norm %s",
+            len(self.targets), ", ".join(f"{c}/{k}: {n}" for (c, k), n in sorted(kinds.items())), self.args.algo,
+            dict(ranks), dict(axes) or "-", "detached" if self.args.detach_norm else "with gradient",
+        )
+
+    @property
+    def loras(self) -> list[DoRAModule]:
+        return self.text_encoder_loras + self.unet_loras
+
+    def match_file(self, state_dict: dict[str, torch.Tensor]) -> FileMatch:
+        """Resolve a file's names/shapes against this network's layers (see loading.match_file)."""
+        return match_file(state_dict, self.targets)
+
+    @staticmethod
+    def match_targets(text_encoders: Sequence[nn.Module], unet: nn.Module | None,
+                      state_dict: dict[str, torch.Tensor]) -> FileMatch:
+        """Match a file against every layer a file may adapt (conv blocks and text encoders included).
+
+        Raises:
+            ValueError: no module of the file matches the model.
+        """
+        targets = find_targets(text_encoders, unet, unet_scope="all", include_text_encoders=True,
+                               with_conv_blocks=True)
+        found = match_file(state_dict, targets)
+        _check_matched(found, targets)
+        return found
+
+    # -- sd-scripts contract: setup ----------------------------------------------------------------------------
+    def apply_to(self, text_encoder: Any = None, unet: Any = None, apply_text_encoder: bool = True,
+                 apply_unet: bool = True) -> None:
+        """Patch the base layers' forwards; adapters of a part not applied are dropped from the network."""
+        if not apply_text_encoder:
+            self._drop(self.text_encoder_loras)
+            self.text_encoder_loras = []
+        if not apply_unet:
+            self._drop(self.unet_loras)
+            self.unet_loras = []
+        if not self.loras:
+            raise ValueError("apply_to: both text encoders and UNet were excluded, nothing left to train")
+        for module in self.loras:
+            module.apply_to()
+
+    def _drop(self, modules: Iterable[DoRAModule]) -> None:
+        names = {m.lora_name for m in modules}
+        for name in names:
+            delattr(self, name)
+        self.targets = [t for t in self.targets if t.lora_name not in names]
+
+    def restore(self) -> None:
+        """Undo :meth:`apply_to` on every base layer."""
+        for module in self.loras:
+            module.restore()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = float(multiplier)
+        for module in self.loras:
+            module.multiplier = self.multiplier
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Nothing to do: adapters run inside the host's checkpointed blocks and have no side effects."""
+
+    def prepare_grad_etc(self, text_encoder: Any = None, unet: Any = None) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder: Any = None, unet: Any = None) -> None:
+        self.train()
+
+    def on_step_start(self, text_encoder: Any = None, unet: Any = None) -> None:
+        """Nothing per step: dropout masks are drawn inside forward."""
+
+    def get_trainable_params(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- optimizer ---------------------------------------------------------------------------------------------
+    def _param_groups(self, modules: list[DoRAModule], lr: float | None, ratio: float | None,
+                      label: str) -> tuple[list[dict[str, Any]], list[str]]:
+        if not modules or lr == 0:
+            return [], []
+        up, rest = [], []
+        for module in modules:
+            for name, param in module.named_parameters():
+                (up if ratio and name.startswith("lora_up") else rest).append(param)
+        groups, names = [], []
+        for params, factor, suffix in ((rest, 1.0, ""), (up, ratio or 1.0, " plus")):
+            if params:
+                group: dict[str, Any] = {"params": params}
+                if lr is not None:
+                    group["lr"] = lr * factor
+                groups.append(group)
+                names.append(label + suffix)
+        return groups, names
+
+    def _te_modules(self, index: int) -> list[DoRAModule]:
+        return [m for m, t in zip(self.text_encoder_loras, self._te_components()) if t == index]
+
+    def _te_components(self) -> list[int]:
+        return [2 if m.lora_name.startswith("lora_te2_") else 1 for m in self.text_encoder_loras]
+
+    def prepare_optimizer_params_with_multiple_te_lrs(
+        self, text_encoder_lr: Any, unet_lr: float | None, default_lr: float | None
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Param groups with separate TE1/TE2 rates (``--text_encoder_lr a b``) and LoRA+ ratios."""
+        self.requires_grad_(True)
+        if text_encoder_lr is None or isinstance(text_encoder_lr, (int, float)):
+            te_lrs = [text_encoder_lr, text_encoder_lr]
+        else:
+            te_lrs = list(text_encoder_lr) or [None]
+            te_lrs = te_lrs + [te_lrs[0]] * (2 - len(te_lrs))
+        a = self.args
+        te_ratio = a.loraplus_text_encoder_lr_ratio or a.loraplus_lr_ratio
+        unet_ratio = a.loraplus_unet_lr_ratio or a.loraplus_lr_ratio
+        groups: list[dict[str, Any]] = []
+        names: list[str] = []
+        many = any(c == 2 for c in self._te_components())
+        for index in (1, 2):
+            lr = te_lrs[index - 1] if te_lrs[index - 1] is not None else default_lr
+            label = f"textencoder {index}" if many else "textencoder"
+            g, n = self._param_groups(self._te_modules(index), lr, te_ratio, label)
+            groups += g
+            names += n
+        g, n = self._param_groups(self.unet_loras, unet_lr if unet_lr is not None else default_lr, unet_ratio, "unet")
+        groups += g
+        names += n
+        if not groups:
+            raise ValueError("no trainable adapter parameters: every learning rate is 0 or nothing was applied")
+        return groups, names
+
+    def prepare_optimizer_params(self, text_encoder_lr: Any = None, unet_lr: float | None = None,
+                                 default_lr: float | None = None) -> list[dict[str, Any]]:
+        """A plain, non-empty ``list`` of param groups (works with every sd-scripts version)."""
+        if isinstance(text_encoder_lr, (list, tuple)):
+            text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
+        return self.prepare_optimizer_params_with_multiple_te_lrs(text_encoder_lr, unet_lr, default_lr)[0]
+
+    # -- files -------------------------------------------------------------------------------------------------
+    def load_weights(self, file: str) -> Any:
+        """Load a file into this network (``--network_weights``); returns ``load_state_dict``'s result.
+
+        The file's axis (read from ``dora_scale``'s shape) wins over this network's option, so an out-axis
+        LyCORIS file resumes as out-axis.
+        """
+        state_dict, _ = dio.load_file(file)
+        return self.load_file_state(state_dict)
+
+    def load_file_state(self, state_dict: dict[str, torch.Tensor]) -> Any:
+        """Load an in-memory file state dict (any accepted spelling) into this network."""
+        found = self.match_file(state_dict)
+        _check_matched(found, self.targets)
+        modules = dict(self.named_children())
+        for name, spec in found.specs.items():
+            module = modules.get(name)
+            if module is None:
+                continue
+            module.conform(spec)
+        return self.load_state_dict(found.state_dict, strict=False)
+
+    def save_weights(self, file: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> None:
+        """Write the LyCORIS-layout file atomically, with sd-scripts' metadata and hashes."""
+        state_dict = {
+            key: (value.detach().to(dtype) if dtype is not None and value.is_floating_point() else value.detach())
+            .cpu().contiguous()
+            for key, value in self.state_dict().items()
+        }
+        metadata = dict(metadata or {})
+        if str(file).lower().endswith(".safetensors"):
+            from . import __version__
+
+            axes = {m.wd_on_out for m in self.loras if m.dora}
+            metadata.setdefault("ss_network_module", "dora_network")
+            metadata[_VERSION_KEY] = __version__
+            metadata["dora_network.algo"] = "dora" if axes else "lora"
+            metadata["dora_network.wd_on_out"] = "mixed" if len(axes) > 1 else str(axes.pop()) if axes else "None"
+            metadata["dora_network.detach_norm"] = str(self.args.detach_norm)
+            model_hash, legacy_hash = dio.safetensors_hashes(state_dict, metadata)
+            metadata["sshs_model_hash"] = model_hash
+            metadata["sshs_legacy_hash"] = legacy_hash
+        dio.save_file(file, state_dict, metadata)
+
+    # -- merging -----------------------------------------------------------------------------------------------
+    def merge_to(self, text_encoder: Any, unet: Any, weights_sd: dict[str, torch.Tensor] | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        """Bake the adapters (at this network's multiplier) into the base weights (``--base_weights``).
+
+        ``dtype``/``device`` are accepted for sd-scripts' call; the merge runs in float32 where each base weight
+        lives and is written in the base weight's own dtype.
+        """
+        if weights_sd is not None:
+            self.load_file_state(weights_sd)
+        merge.merge_into_base(self.loras)
+
+    def backup_weights(self) -> None:
+        merge.backup(self.loras, self._weight_backup)
+
+    def restore_weights(self) -> None:
+        merge.restore(self.loras, self._weight_backup)
+
+    def pre_calculation(self) -> None:
+        """``--network_pre_calc``: bake the current multiplier into the base weights; forwards skip the adapters."""
+        merge.pre_calculate(self.loras, self._weight_backup)
+
+    # -- regularisation and logging hooks ----------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm_value: float, device: Any = None) -> tuple[int, float, float]:
+        """Cap ||s B A|| of every adapter at ``max_norm_value`` (``--scale_weight_norms``)."""
+        return merge.max_norm_regularize(self.loras, float(max_norm_value))
+
+    @torch.no_grad()
+    def update_norms(self) -> None:
+        self._norm_cache["weight"] = torch.stack([m.delta_weight().norm() for m in self.loras])
+        self._norm_cache["combined"] = torch.stack([m.merged_weight().norm() for m in self.loras])
+
+    @torch.no_grad()
+    def update_grad_norms(self) -> None:
+        norms = [torch.stack([p.grad.float().norm() for p in m.parameters() if p.grad is not None]).norm()
+                 for m in self.loras if any(p.grad is not None for p in m.parameters())]
+        self._norm_cache["grad"] = torch.stack(norms) if norms else None
+
+    def weight_norms(self) -> torch.Tensor | None:
+        return self._norm_cache.get("weight")
+
+    def grad_norms(self) -> torch.Tensor | None:
+        return self._norm_cache.get("grad")
+
+    def combined_weight_norms(self) -> torch.Tensor | None:
+        return self._norm_cache.get("combined")
+
+
+def _check_matched(found: FileMatch, targets: Sequence[Target]) -> None:
+    """Warn about file modules with no layer here; refuse a file of which nothing matches."""
+    if not found.specs:
+        raise ValueError(
+            f"none of the file's {len(found.unmatched)} modules matches this model (file: {found.unmatched[:3]}; "
+            f"model: {[t.lora_name for t in targets[:3]]}). Is it for another base model?"
+        )
+    if found.unmatched:
+        logger.warning("%d of the file's modules match no layer here and are ignored, e.g. %s",
+                       len(found.unmatched), found.unmatched[:3])
