@@ -56,7 +56,7 @@ class NetworkArgs:
     """
 
     rank: int = 4
-    alpha: float = 1.0
+    alpha: float = 4.0
     algo: str = "dora"
     conv_dim: int | None = None
     conv_alpha: float | None = None
@@ -300,6 +300,8 @@ def parse_network_args(
     if parsed.pop("bypass_mode", False):
         logger.info("network_args: bypass_mode=True ignored: dora_network always runs in activation space and "
                     "keeps DoRA active (LyCORIS' bypass mode silently drops it)")
+    parsed.pop("use_scalar", None)  # only False gets this far
+    parsed.pop("train_norm", None)
     if parsed.pop("enable_conv", True) is False:
         parsed.pop("conv_dim", None)
     if "dropout" not in parsed and neuron_dropout is not None:

@@ -1,0 +1,179 @@
+"""Apply a DoRA (or plain LoRA) file in our/LyCORIS layout to a diffusers pipeline, exactly.
+
+diffusers' own ``pipe.load_lora_weights`` drops ``dora_scale`` and loads such a file as a plain LoRA (and rejects
+Tucker ``lora_mid`` files), so it does not reproduce a DoRA. :func:`apply_dora_to_pipeline` instead writes the
+merged weights W(s) = W0 + s * (W' - W0), W' = m * V / (||V|| + eps), V = W0 + (alpha/r) * up @ down, into the
+pipeline's ``unet``, ``text_encoder`` and ``text_encoder_2``, reusing this package's name resolution
+(``loading.match_file``: SAI or diffusers UNet names, classic ``text_model_`` text-encoder names) and math
+(``functional``). The returned :class:`DoRAPatch` changes the strength or puts the original weights back bit for bit.
+
+Example::
+
+    patch = apply_dora_to_pipeline(pipe, "my_dora.safetensors", strength=0.8)
+    image = pipe(prompt).images[0]
+    patch.set_strength(0.5)
+    patch.remove()  # the pipeline is exactly as before
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import torch
+
+from . import functional as DF
+from .io import load_file
+from .keys import DORA_SCALE, DOWN, MID, UP, ModuleSpec
+from .loading import match_file
+from .targets import Target, find_targets
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DoRAPatch", "apply_dora_to_pipeline"]
+
+
+class DoRAPatch:
+    """Merged adapter weights written into a pipeline's layers, with their originals kept for undoing.
+
+    Attributes:
+        strength: the current strength s (0 gives the base model).
+        matched: canonical ``lora_name`` of every patched layer.
+        unmatched: the file's module names that match no layer of the pipeline (ignored).
+        active: False once :meth:`remove` has run.
+    """
+
+    def __init__(
+        self,
+        targets: list[Target],
+        specs: Mapping[str, ModuleSpec],
+        tensors: Mapping[str, torch.Tensor],
+        unmatched: list[str],
+        backup_device: str | torch.device | None,
+    ) -> None:
+        self._targets = targets
+        self._specs = dict(specs)
+        self._tensors = dict(tensors)
+        with torch.no_grad():
+            self._originals = {
+                t.lora_name: t.module.weight.detach().to(backup_device or t.module.weight.device, copy=True)
+                for t in targets
+            }
+        self.matched = [t.lora_name for t in targets]
+        self.unmatched = list(unmatched)
+        self.strength = 0.0
+        self.active = True
+
+    def merged_weight(self, target: Target, strength: float) -> torch.Tensor:
+        """W(s) for one target in float32 (float64 for a float64 model), on the layer's device.
+
+        Args:
+            target: one of the patched targets.
+            strength: s.
+
+        Returns:
+            W0 + s * (W' - W0) for DoRA, W0 + s * (alpha/r) * up @ down for plain LoRA, from the saved original.
+        """
+        name, weight = target.lora_name, target.module.weight
+        spec = self._specs[name]
+        w0 = self._originals[name].to(weight.device)
+
+        def get(suffix: str) -> torch.Tensor | None:
+            tensor = self._tensors.get(f"{name}.{suffix}")
+            return None if tensor is None else tensor.to(weight.device)
+
+        delta = DF.lowrank_delta(get(UP), get(DOWN), spec.alpha / spec.rank, get(MID))  # type: ignore[arg-type]
+        if not spec.dora:
+            return w0.to(delta.dtype) + strength * delta
+        adapted = DF.dora_weight(w0, delta, get(DORA_SCALE), bool(spec.wd_on_out))  # type: ignore[arg-type]
+        return DF.blend(w0, adapted, strength)
+
+    @torch.no_grad()
+    def set_strength(self, strength: float) -> None:
+        """Recompute every patched weight at ``strength`` from the saved originals and write it in place.
+
+        Raises:
+            RuntimeError: the patch was removed.
+        """
+        if not self.active:
+            raise RuntimeError("this DoRAPatch was removed; apply the file again")
+        for target in self._targets:
+            weight = target.module.weight
+            weight.copy_(self.merged_weight(target, float(strength)).to(dtype=weight.dtype))
+        self.strength = float(strength)
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        """Put every original weight back, bit for bit (idempotent)."""
+        if not self.active:
+            return
+        for target in self._targets:
+            target.module.weight.copy_(self._originals[target.lora_name])
+        self._originals.clear()
+        self.active = False
+
+    unapply = remove
+
+    def __enter__(self) -> DoRAPatch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def apply_dora_to_pipeline(
+    pipe: Any,
+    file_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+    strength: float = 1.0,
+    *,
+    backup_device: str | torch.device | None = "cpu",
+) -> DoRAPatch:
+    """Write a DoRA/LoRA file's merged weights into ``pipe.unet``, ``pipe.text_encoder`` and ``pipe.text_encoder_2``.
+
+    Either DoRA axis (read from ``dora_scale``'s shape), plain LoRA modules, conv 1x1/kxk and Tucker
+    (``lora_mid``) modules are applied exactly as :meth:`DoRANetwork.merge_to` would, with strength outside.
+    UNet keys may use SAI (``input_blocks_...``) or diffusers (``down_blocks_...``) names; text-encoder keys are
+    ``lora_te1_``/``lora_te2_`` (``lora_te_`` for a single-encoder pipeline) with or without ``text_model_``.
+
+    Args:
+        pipe: a diffusers pipeline (SDXL; any pipeline with ``unet`` and optional ``text_encoder``/``_2`` works).
+        file_or_state_dict: a ``.safetensors`` (or tensors-only ``.ckpt``/``.pt``) path, or a loaded state dict.
+        strength: s in W0 + s * (W' - W0); 0 leaves the weights as they are.
+        backup_device: where the original weights are kept ("cpu" saves accelerator memory; None keeps them next
+            to the weights).
+
+    Returns:
+        The patch; call ``set_strength`` to change s and ``remove`` to restore the originals exactly.
+
+    Raises:
+        ValueError: no module of the file matches the pipeline, or a module does not fit its layer.
+        FileNotFoundError: the file does not exist.
+    """
+    if isinstance(file_or_state_dict, Mapping):
+        state_dict = dict(file_or_state_dict)
+    else:
+        state_dict, _ = load_file(file_or_state_dict)
+    encoders = [te for te in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if te is not None]
+    targets = find_targets(encoders, getattr(pipe, "unet", None), unet_scope="all", include_text_encoders=True,
+                           with_conv_blocks=True)
+    found = match_file(state_dict, targets)
+    if not found.specs:
+        raise ValueError(
+            f"none of the file's {len(found.unmatched)} modules matches this pipeline (file: {found.unmatched[:3]}; "
+            f"pipeline layers: {[t.lora_name for t in targets[:3]]}). Is it for another base model?"
+        )
+    patched = [t for t in targets if t.lora_name in found.specs]
+    report = (f"dora_network: applying {len(patched)} of the file's {len(patched) + len(found.unmatched)} modules "
+              f"({sum(s.dora for s in found.specs.values())} DoRA) at strength {strength}; ")
+    if found.unmatched:
+        logger.warning(report + "%d match no layer and are ignored, e.g. %s", len(found.unmatched), found.unmatched[:3])
+    else:
+        logger.info(report + "all matched")
+    patch = DoRAPatch(patched, found.specs, found.state_dict, found.unmatched, backup_device)
+    try:
+        patch.set_strength(strength)
+    except BaseException:
+        patch.remove()  # never leave a half-patched pipeline behind
+        raise
+    return patch
