@@ -154,7 +154,8 @@ def apply_dora_to_pipeline(
         state_dict = dict(file_or_state_dict)
     else:
         state_dict, _ = load_file(file_or_state_dict)
-    encoders = [te for te in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if te is not None]
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+    encoders = [te for te in encoders if te is not None]
     targets = find_targets(encoders, getattr(pipe, "unet", None), unet_scope="all", include_text_encoders=True,
                            with_conv_blocks=True)
     found = match_file(state_dict, targets)

@@ -206,8 +206,15 @@ class DoRAModule(nn.Module):
             return base.to(delta.dtype) + mu * delta
         return DF.blend(base, DF.dora_weight(base, delta, self.magnitude(), self.wd_on_out), mu)
 
-    def _lowrank(self, x: torch.Tensor) -> torch.Tensor:
-        """up(mid(down(x))) with the dropouts, without the scale."""
+    def _lowrank(
+        self, x: torch.Tensor, up_scale: torch.Tensor | float, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """up(mid(down(x))) * up_scale (+ bias), with the dropouts.
+
+        ``up_scale`` (a number, or one factor per output channel shaped like ``lora_up.weight``'s dim 0) is folded
+        into the (out, r) ``lora_up`` weight instead of multiplying the (tokens, out) output: one pass over a
+        tiny tensor instead of two passes (forward and backward) over an activation-sized one.
+        """
         hidden = self.lora_down(x)
         if self.training and self.dropout:
             hidden = F.dropout(hidden, p=self.dropout)
@@ -219,7 +226,14 @@ class DoRAModule(nn.Module):
                 shape = (hidden.shape[0],) + (1,) * (hidden.dim() - 2) + (self.rank,)
             keep = torch.rand(shape, device=hidden.device) >= self.rank_dropout
             hidden = hidden * keep.to(hidden.dtype) / (1.0 - self.rank_dropout)
-        return self.lora_up(hidden)
+        up = self.lora_up.weight
+        if isinstance(up_scale, torch.Tensor):
+            up = up * up_scale.reshape((-1,) + (1,) * (up.dim() - 1)).to(up.dtype)
+        else:
+            up = up * up_scale
+        if bias is not None:
+            bias = bias.to(hidden.dtype)
+        return F.linear(hidden, up, bias) if self.kind == "linear" else F.conv2d(hidden, up, bias)
 
     def _channel_shape(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Reshape a ``dora_scale``-shaped factor to broadcast over activations (channels last for Linear)."""
@@ -235,18 +249,17 @@ class DoRAModule(nn.Module):
         ):
             return self._base_forward(x)
         if not self.dora:
-            return self._base_forward(x) + self._lowrank(x) * (mu * self.scale)
+            return self._base_forward(x) + self._lowrank(x, mu * self.scale)
         c_base, c = DF.activation_scales(
             self.base_weight, self.delta_weight(), self.magnitude(), self.wd_on_out, mu, self.detach_norm
         )
         if not self.wd_on_out:
             scaled = x * self._channel_shape(c, x.dtype)
             base_in = scaled if c_base is c else x * self._channel_shape(c_base, x.dtype)
-            return self._base_forward(base_in) + self._lowrank(scaled) * (mu * self.scale)
+            return self._base_forward(base_in) + self._lowrank(scaled, mu * self.scale)
+        # out-axis: y = c_b * (W0 x + b) + (1 - c_b) * b + mu*s*c * B A x, one fused pass over the output
         out = self._base_forward(x)
-        c_b = self._channel_shape(c_base, out.dtype)
-        result = out * c_b + self._lowrank(x) * (self._channel_shape(c, out.dtype) * (mu * self.scale))
         bias = getattr(self.base_layer, "bias", None)
-        if bias is not None:
-            result = result + self._channel_shape(bias.to(c_base.dtype) * (1.0 - c_base.reshape(-1)), out.dtype)
-        return result
+        shift = None if bias is None else bias.to(c_base.dtype) * (1.0 - c_base.reshape(-1))
+        lowrank = self._lowrank(x, c * (mu * self.scale), shift)
+        return torch.addcmul(lowrank, out, self._channel_shape(c_base, out.dtype))
