@@ -82,13 +82,9 @@ def infer_spec(name: str, tensors: dict[str, torch.Tensor]) -> ModuleSpec:
     if down is None or up is None:
         missing = DOWN if down is None else UP
         raise ValueError(f"module '{name}' has no '{missing}' tensor; the file is incomplete or not a LoRA/DoRA file")
-    if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
-        raise ValueError(
-            f"module '{name}': lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not form a rank-r "
-            f"pair (expected (r, in[, kh, kw]) and (out, r[, 1, 1]))"
-        )
-    rank = int(down.shape[0])
     mid = tensors.get(MID)
+    _check_pair(name, down, up, mid)
+    rank = int(down.shape[0])
     if down.ndim == 2:
         kernel = None
     elif mid is not None:
@@ -97,10 +93,32 @@ def infer_spec(name: str, tensors: dict[str, torch.Tensor]) -> ModuleSpec:
         kernel = (int(down.shape[2]), int(down.shape[3]))
     in_dim, out_dim = int(down.shape[1]), int(up.shape[0])
     alpha_tensor = tensors.get(ALPHA)
-    alpha = float(alpha_tensor.float()) if alpha_tensor is not None else float(rank)
+    if alpha_tensor is not None and alpha_tensor.numel() != 1:
+        raise ValueError(f"module '{name}': alpha must be a single number, got shape {tuple(alpha_tensor.shape)}")
+    alpha = float(alpha_tensor.float()) if alpha_tensor is not None else 0.0
+    if alpha < 0:
+        raise ValueError(f"module '{name}': alpha is {alpha}; it must be positive (0 means alpha = rank)")
+    alpha = alpha or float(rank)  # kohya: a missing or zero alpha means alpha = rank
     scale = tensors.get(DORA_SCALE)
     wd_on_out = None if scale is None else _axis_from_shape(name, tuple(scale.shape), out_dim, in_dim)
     return ModuleSpec(rank, alpha, scale is not None, wd_on_out, mid is not None, kernel, in_dim, out_dim)
+
+
+def _check_pair(name: str, down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None) -> None:
+    """LyCORIS shapes: down (r, in[, kh, kw]), up (out, r[, 1, 1]), Tucker mid (r, r, kh, kw) with a 1x1 down."""
+    linear = down.ndim == 2 and up.ndim == 2 and mid is None
+    conv = down.ndim == 4 and up.ndim == 4 and tuple(up.shape[2:]) == (1, 1)
+    if mid is not None:
+        conv = conv and mid.ndim == 4 and tuple(down.shape[2:]) == (1, 1) and tuple(mid.shape[:2]) == (
+            down.shape[0], down.shape[0])
+    if not (linear or conv) or up.shape[1] != down.shape[0] or min(down.shape) < 1 or min(up.shape) < 1:
+        shapes = f"lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)}"
+        if mid is not None:
+            shapes += f" and lora_mid {tuple(mid.shape)}"
+        raise ValueError(
+            f"module '{name}': {shapes} do not form a rank-r pair (expected (r, in[, kh, kw]) and (out, r[, 1, 1]), "
+            f"Tucker: (r, in, 1, 1), (r, r, kh, kw), (out, r, 1, 1))"
+        )
 
 
 def _axis_from_shape(name: str, shape: tuple[int, ...], out_dim: int, in_dim: int) -> bool:

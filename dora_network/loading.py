@@ -21,7 +21,13 @@ from .unet_names import diffusers_to_sai, sai_to_diffusers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FileMatch", "match_file", "name_aliases"]
+__all__ = ["FileMatch", "match_file", "name_aliases", "nonfinite_modules"]
+
+
+def nonfinite_modules(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the modules (key prefix before the first '.') holding any NaN or Inf value, sorted."""
+    return sorted({key.partition(".")[0] for key, tensor in state_dict.items()
+                   if tensor.is_floating_point() and not torch.isfinite(tensor).all()})
 
 
 @dataclass
@@ -78,6 +84,12 @@ def match_file(state_dict: dict[str, torch.Tensor], targets: Sequence[Target]) -
     by_name = {t.lora_name: t for t in targets}
     aliases = name_aliases(targets)
     groups, unknown = group_by_module(state_dict)
+    broken = nonfinite_modules(state_dict)
+    if broken:
+        raise ValueError(
+            f"the file has NaN/Inf values in {len(broken)} modules (e.g. {broken[:3]}): it was saved from a diverged "
+            f"run. Use an earlier checkpoint, and a lower learning rate for the next run"
+        )
     if unknown:
         logger.warning("%d keys are not LoRA/DoRA tensors and are ignored, e.g. %s", len(unknown), unknown[:3])
     specs: dict[str, ModuleSpec] = {}

@@ -19,7 +19,7 @@ from . import merge
 from .args import PRESETS, NetworkArgs
 from .keys import ModuleSpec
 from .layers import DoRAModule
-from .loading import FileMatch, match_file
+from .loading import FileMatch, match_file, nonfinite_modules
 from .targets import Target, find_targets
 
 logger = logging.getLogger(__name__)
@@ -259,13 +259,26 @@ class DoRANetwork(nn.Module):
             module.conform(spec)
         return self.load_state_dict(found.state_dict, strict=False)
 
-    def save_weights(self, file: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> None:
-        """Write the LyCORIS-layout file atomically, with sd-scripts' metadata and hashes."""
+    def save_weights(self, file: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None,
+                     *, allow_nonfinite: bool = False) -> None:
+        """Write the LyCORIS-layout file atomically, with sd-scripts' metadata and hashes.
+
+        Raises:
+            ValueError: NaN/Inf in the weights (or produced by the cast to ``dtype``), unless ``allow_nonfinite``;
+                any previous file at ``file`` is left as it was.
+        """
         state_dict = {
             key: (value.detach().to(dtype) if dtype is not None and value.is_floating_point() else value.detach())
             .cpu().contiguous()
             for key, value in self.state_dict().items()
         }
+        broken = [] if allow_nonfinite else nonfinite_modules(state_dict)
+        if broken:
+            cause = ("the training diverged; lower the learning rate or resume from the last good file"
+                     if nonfinite_modules(dict(self.state_dict())) else
+                     f"the values overflow {dtype}; save in bfloat16 or float32 (--save_precision bf16/float)")
+            raise ValueError(f"refusing to save '{file}': NaN/Inf in {len(broken)} modules (e.g. {broken[:3]}): "
+                             f"{cause}. Any previous file there is intact")
         metadata = dict(metadata or {})
         if str(file).lower().endswith(".safetensors"):
             from . import __version__
