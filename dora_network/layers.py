@@ -242,12 +242,13 @@ class DoRAModule(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         mu = self.multiplier
-        if (
-            mu == 0.0
-            or self.precalculated
-            or (self.training and self.module_dropout and torch.rand(()) < self.module_dropout)
-        ):
+        if mu == 0.0 or self.precalculated:
             return self._base_forward(x)
+        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+            # Keep every parameter in the graph with a zero gradient: under multi-process training each rank
+            # then all-reduces the same set of gradients (sd-scripts skips params whose grad is None, and a
+            # rank-dependent set would hang or desynchronise the ranks; DDP would need find_unused_parameters).
+            return self._base_forward(x) + sum(p.sum() for p in self.parameters()) * 0.0
         if not self.dora:
             return self._base_forward(x) + self._lowrank(x, mu * self.scale)
         c_base, c = DF.activation_scales(
