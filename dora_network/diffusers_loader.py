@@ -157,7 +157,7 @@ def apply_dora_to_pipeline(
     encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
     encoders = [te for te in encoders if te is not None]
     targets = find_targets(encoders, getattr(pipe, "unet", None), unet_scope="all", include_text_encoders=True,
-                           with_conv_blocks=True)
+                           with_conv_blocks=True, all_layers=True)
     found = match_file(state_dict, targets)
     if not found.specs:
         raise ValueError(

@@ -60,6 +60,7 @@ class DoRANetwork(nn.Module):
             unet_scope="all" if from_file else unet_scope,
             include_text_encoders=with_te or from_file,
             with_conv_blocks=from_file or args.conv_dim is not None,
+            all_layers=from_file,
         )
         if from_file:
             self.targets = [t for t in self.targets if t.lora_name in file_specs]
@@ -122,7 +123,7 @@ class DoRANetwork(nn.Module):
             ValueError: no module of the file matches the model.
         """
         targets = find_targets(text_encoders, unet, unet_scope="all", include_text_encoders=True,
-                               with_conv_blocks=True)
+                               with_conv_blocks=True, all_layers=True)
         found = match_file(state_dict, targets)
         _check_matched(found, targets)
         return found

@@ -118,6 +118,20 @@ def _walk(
     return found
 
 
+def _walk_all(root: nn.Module, prefix: str, component: str, is_te: bool, seen: set[str]) -> list[Target]:
+    """Every Linear/Conv2d under ``root``, named by the same rule (for files made with wider presets)."""
+    found: list[Target] = []
+    for path, child in root.named_modules():
+        if type(child).__name__ not in _LAYER_CLASSES:
+            continue
+        full = _text_encoder_path(root, path) if is_te else path
+        lora_name = f"{prefix}.{full}".replace(".", "_")
+        if lora_name not in seen:
+            seen.add(lora_name)
+            found.append(Target(lora_name, child, component, _kind(child), full))
+    return found
+
+
 def find_targets(
     text_encoders: Sequence[nn.Module],
     unet: nn.Module | None,
@@ -125,6 +139,7 @@ def find_targets(
     unet_scope: str = "all",
     include_text_encoders: bool = True,
     with_conv_blocks: bool = False,
+    all_layers: bool = False,
 ) -> list[Target]:
     """All adapter targets, text encoders first (sd-scripts' order).
 
@@ -136,6 +151,8 @@ def find_targets(
         include_text_encoders: False for the unet-only presets.
         with_conv_blocks: add ResnetBlock2D/Downsample2D/Upsample2D and their kxk convs (``conv_dim`` set,
             or built from a file).
+        all_layers: then append every other Linear/Conv2d (``conv_in``, ``time_embedding``, ...): a file
+            trained with a wider preset (LyCORIS ``full`` on a diffusers UNet) names such layers too.
 
     Returns:
         The targets, in a stable order, with unique names.
@@ -154,4 +171,11 @@ def find_targets(
         if conv:
             classes = classes + UNET_CONV_CLASSES
         targets += _walk(unet, UNET_PREFIX, "unet", classes, False, conv, unet_scope == "attn", seen)
+    if all_layers:
+        if include_text_encoders:
+            for index, te in enumerate(text_encoders):
+                component = f"te{index + 1}" if len(text_encoders) > 1 else "te"
+                targets += _walk_all(te, f"lora_{component}", component, True, seen)
+        if unet is not None:
+            targets += _walk_all(unet, UNET_PREFIX, "unet", False, seen)
     return targets

@@ -247,6 +247,21 @@ def test_sai_named_file_loads_on_diffusers_model(model, trained, tmp_path):
         assert torch.equal(weights[key], value), key
 
 
+def test_wider_preset_layers_load(model, tmp_path):
+    """LyCORIS' `full` preset on a diffusers UNet also adapts conv_in and time_embedding: those load too."""
+    names = {"lora_unet_conv_in": ((4, 4, 3, 3), (32, 4, 1, 1), (1, 4, 1, 1)),
+             "lora_unet_time_embedding_linear_1": ((4, 32), (128, 4), (1, 32))}
+    sd = {}
+    for name, (down, up, scale) in names.items():
+        sd[f"{name}.lora_down.weight"] = torch.randn(down)
+        sd[f"{name}.lora_up.weight"] = torch.randn(up) * 0.01
+        sd[f"{name}.dora_scale"] = torch.rand(scale) + 0.5
+        sd[f"{name}.alpha"] = torch.tensor(2.0)
+    network, weights = create_network_from_weights(1.0, None, None, model.text_encoders, model.unet, weights_sd=sd)
+    assert sorted(n for n, _ in network.named_children()) == sorted(names)
+    assert set(weights) == set(sd)
+
+
 if __name__ == "__main__" and "--regenerate" in sys.argv:
     lines = []
     for config, manifest in build_manifests().items():
