@@ -14,6 +14,7 @@ import torch
 
 from .args import NetworkArgs, parse_network_args
 from .io import load_file
+from .keys import axis_from_metadata
 from .layers import DoRAModule
 from .network import DoRANetwork
 from .targets import normalize_text_encoders, unwrap_unet
@@ -97,10 +98,11 @@ def create_network_from_weights(
     Raises:
         FileNotFoundError / ValueError: unreadable file, or one that does not fit the model.
     """
+    metadata: dict[str, str] = {}
     if weights_sd is None:
         if file is None:
             raise ValueError("create_network_from_weights needs a file or weights_sd")
-        weights_sd, _ = load_file(file)
+        weights_sd, metadata = load_file(file)
     structural = {"algo", "conv_dim", "conv_alpha", "wd_on_out", "wd_on_output", "dora_wd", "use_tucker", "preset"}
     ignored = sorted(k for k in kwargs if k.lower() in structural)
     if ignored:
@@ -108,7 +110,7 @@ def create_network_from_weights(
     args = parse_network_args(None, None, None, **{k: v for k, v in kwargs.items() if k.lower() not in structural})
     text_encoders = normalize_text_encoders(text_encoder)
     real_unet = unwrap_unet(unet)
-    probe = DoRANetwork.match_targets(text_encoders, real_unet, weights_sd)
+    probe = DoRANetwork.match_targets(text_encoders, real_unet, weights_sd, axis_from_metadata(metadata))
     network = DoRANetwork(text_encoders, real_unet, args, multiplier=float(multiplier), file_specs=probe.specs)
     network.load_state_dict(probe.state_dict, strict=False)
     if for_inference:

@@ -26,6 +26,7 @@ import torch
 from . import functional as DF
 from .io import load_file
 from .keys import DORA_SCALE, DOWN, MID, UP, ModuleSpec
+from .keys import axis_from_metadata
 from .loading import match_file
 from .targets import Target, find_targets
 
@@ -150,15 +151,16 @@ def apply_dora_to_pipeline(
         ValueError: no module of the file matches the pipeline, or a module does not fit its layer.
         FileNotFoundError: the file does not exist.
     """
+    metadata: dict[str, str] = {}
     if isinstance(file_or_state_dict, Mapping):
         state_dict = dict(file_or_state_dict)
     else:
-        state_dict, _ = load_file(file_or_state_dict)
+        state_dict, metadata = load_file(file_or_state_dict)
     encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
     encoders = [te for te in encoders if te is not None]
     targets = find_targets(encoders, getattr(pipe, "unet", None), unet_scope="all", include_text_encoders=True,
                            with_conv_blocks=True, all_layers=True)
-    found = match_file(state_dict, targets)
+    found = match_file(state_dict, targets, axis_from_metadata(metadata))
     if not found.specs:
         raise ValueError(
             f"none of the file's {len(found.unmatched)} modules matches this pipeline (file: {found.unmatched[:3]}; "

@@ -34,6 +34,7 @@ def _acc(tensor: torch.Tensor) -> torch.dtype:
 __all__ = [
     "EPS",
     "activation_scales",
+    "adapted_norm",
     "blend",
     "dora_weight",
     "lowrank_delta",
@@ -162,3 +163,57 @@ def activation_scales(
     c = magnitude.to(acc) / (norm + eps)
     c_base = c if multiplier == 1.0 else (1.0 - multiplier) + multiplier * c
     return c_base, c
+
+
+def adapted_norm(
+    base: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    scale: float,
+    wd_on_out: bool,
+    mid: torch.Tensor | None = None,
+    base_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """||W0 + s B A|| along the DoRA axis without forming any weight-sized tensor.
+
+    Expands the square (PEFT PR #3387, "Scaling DoRA", arXiv 2603.22276):
+
+        in-axis  n_i^2 = ||W0[:, i]||^2 + 2s <A[:, i], (B^T W0)[:, i]> + s^2 <A[:, i], (B^T B) A[:, i]>
+        out-axis n_o^2 = ||W0[o]||^2    + 2s <B[o], (W0 A^T)[o]>       + s^2 <B[o], B[o] (A A^T)>
+
+    for kxk convs with columns (i, h, w) summed over (h, w), and Tucker's core folded into A. The work is one
+    (r x out) @ (out x in*k*k) product, the same as forming B A, but the workspace is O(r * (in + out)) instead of
+    three weight-sized temporaries. The expansion cancels only when a column of V is much smaller than the same
+    column of W0, which a DoRA update does not do; the result is clamped at 0 before the root.
+
+    Args:
+        base: W0 (out, in[, kh, kw]).
+        up: B (out, r[, 1, 1]).
+        down: A (r, in[, kh, kw]); (r, in, 1, 1) with Tucker.
+        scale: s.
+        wd_on_out: the axis.
+        mid: Tucker core (r, r, kh, kw) or None.
+        base_sq: ||W0||^2 along the axis (``dora_scale`` shape), e.g. cached; computed when None.
+
+    Returns:
+        The norm, ``dora_scale``-shaped, in float32 (float64 for a float64 base).
+    """
+    acc = _acc(base)
+    out_dim, in_dim = base.shape[0], base.shape[1]
+    w0 = base.to(acc).reshape(out_dim, -1)  # (out, in*kh*kw), columns ordered (i, h, w)
+    b = up.to(acc).reshape(out_dim, -1)  # (out, r)
+    if mid is not None:
+        # A_eff[a, i, h, w] = sum_b T[a, b, h, w] A[b, i]
+        a = torch.einsum("abhw,bi->aihw", mid.to(acc), down.to(acc).flatten(1)).reshape(b.shape[1], -1)
+    else:
+        a = down.to(acc).reshape(b.shape[1], -1)  # (r, in*kh*kw)
+    if base_sq is None:
+        base_sq = weight_norm(base, wd_on_out).to(acc).square()
+    if wd_on_out:
+        cross = (b * (w0 @ a.T)).sum(1)  # (out,)
+        gram = (b * (b @ (a @ a.T))).sum(1)
+    else:
+        cross = (a * (b.T @ w0)).sum(0).reshape(in_dim, -1).sum(1)  # (in,)
+        gram = (a * ((b.T @ b) @ a)).sum(0).reshape(in_dim, -1).sum(1)
+    squared = base_sq.reshape(-1) + (2.0 * scale) * cross + (scale * scale) * gram
+    return squared.clamp_min(0.0).sqrt().reshape(base_sq.shape)

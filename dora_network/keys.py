@@ -24,6 +24,7 @@ __all__ = [
     "ModuleSpec",
     "group_by_module",
     "infer_spec",
+    "axis_from_metadata",
     "normalize_dora_scale",
 ]
 
@@ -43,7 +44,8 @@ class ModuleSpec:
         rank: r, from ``lora_down``.
         alpha: the stored alpha (r if the file has none, as kohya reads it).
         dora: whether ``dora_scale`` is present.
-        wd_on_out: the DoRA axis read from ``dora_scale``'s shape (None for plain LoRA).
+        wd_on_out: the DoRA axis read from ``dora_scale``'s shape (None for plain LoRA, and for a 1-D
+            ``dora_scale`` on a square layer, whose shape cannot tell the axis).
         tucker: whether ``lora_mid`` is present.
         kernel: (kh, kw) of the adapted conv, None for Linear.
         in_dim / out_dim: the base layer's channels as implied by the tensors.
@@ -121,15 +123,15 @@ def _check_pair(name: str, down: torch.Tensor, up: torch.Tensor, mid: torch.Tens
         )
 
 
-def _axis_from_shape(name: str, shape: tuple[int, ...], out_dim: int, in_dim: int) -> bool:
+def _axis_from_shape(name: str, shape: tuple[int, ...], out_dim: int, in_dim: int) -> bool | None:
     """True for per-output-row magnitudes, False for per-input-column, from ``dora_scale``'s shape."""
     if len(shape) == 1:
         if shape[0] == out_dim and out_dim != in_dim:
             return True
         if shape[0] == in_dim and out_dim != in_dim:
             return False
-        if shape[0] == out_dim:  # square layer: PEFT's 1-D magnitude is per output row
-            return True
+        if shape[0] == out_dim:  # square layer: undecidable from the shape; loading.match_file resolves it
+            return None
     elif len(shape) >= 2:
         if shape[0] == out_dim and all(s == 1 for s in shape[1:]) and not (shape[0] == 1 and shape[1] == in_dim):
             return True
@@ -142,17 +144,31 @@ def _axis_from_shape(name: str, shape: tuple[int, ...], out_dim: int, in_dim: in
 
 
 def normalize_dora_scale(name: str, tensor: torch.Tensor, spec: ModuleSpec) -> torch.Tensor:
-    """Reshape a 1-D ``dora_scale`` to LyCORIS' 2-D/4-D shape (with a warning: UIs break on 1-D)."""
+    """Reshape a 1-D ``dora_scale`` to LyCORIS' 2-D/4-D shape along ``spec``'s (resolved) axis."""
     ndim = 2 if spec.kernel is None else 4
     if tensor.ndim == ndim:
         return tensor
     if tensor.ndim != 1 and tensor.numel() not in (spec.in_dim, spec.out_dim):
         raise ValueError(f"module '{name}': dora_scale shape {tuple(tensor.shape)} cannot be reshaped")
-    logger.warning(
-        "%s: dora_scale has shape %s; reshaped to LyCORIS' %d-D shape (ComfyUI, Forge, A1111, InvokeAI and "
-        "SD.Next apply 1-D magnitudes wrongly; re-save the file to fix it for them)",
-        name, tuple(tensor.shape), ndim,
-    )
     if spec.wd_on_out:
         return tensor.reshape((-1,) + (1,) * (ndim - 1))
     return tensor.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def axis_from_metadata(metadata: dict[str, str] | None) -> bool | None:
+    """The DoRA axis a file's metadata records (ours, or the user's ``wd_on_out(put)`` in ``ss_network_args``)."""
+    import json
+
+    metadata = metadata or {}
+    recorded = metadata.get("dora_network.wd_on_out")
+    if recorded in ("True", "False"):
+        return recorded == "True"
+    try:
+        network_args = json.loads(metadata.get("ss_network_args") or "{}")
+    except ValueError:
+        return None
+    for key in ("wd_on_out", "wd_on_output"):
+        value = str(network_args.get(key, "")).strip().lower() if isinstance(network_args, dict) else ""
+        if value in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value in ("true", "1", "yes", "on")
+    return None

@@ -10,12 +10,12 @@ own ``state_dict()``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
-from .keys import DORA_SCALE, ModuleSpec, group_by_module, infer_spec, normalize_dora_scale
+from .keys import ALPHA, DORA_SCALE, ModuleSpec, group_by_module, infer_spec, normalize_dora_scale
 from .targets import Target
 from .unet_names import diffusers_to_sai, sai_to_diffusers
 
@@ -74,8 +74,33 @@ def _check_fits(name: str, spec: ModuleSpec, target: Target) -> None:
         )
 
 
-def match_file(state_dict: dict[str, torch.Tensor], targets: Sequence[Target]) -> FileMatch:
+def _resolve_square_axes(specs: dict[str, ModuleSpec], axis_hint: bool | None) -> dict[str, ModuleSpec]:
+    """Give 1-D ``dora_scale``s on square layers (axis unknown) the file's axis, said once per file."""
+    unknown = [name for name, spec in specs.items() if spec.dora and spec.wd_on_out is None]
+    if not unknown:
+        return specs
+    known = {spec.wd_on_out for spec in specs.values() if spec.dora and spec.wd_on_out is not None}
+    if axis_hint is not None:
+        axis, source = axis_hint, "the file's metadata"
+    elif len(known) == 1:
+        axis, source = next(iter(known)), "the file's other modules"
+    else:
+        axis, source = True, "PEFT's convention for 1-D magnitudes (the file gives no other clue)"
+    logger.warning("%d square layers have a 1-D dora_scale, whose shape cannot tell the axis; read as %s, from %s",
+                   len(unknown), "per output row" if axis else "per input column", source)
+    return {name: replace(spec, wd_on_out=axis) if name in unknown else spec for name, spec in specs.items()}
+
+
+def match_file(
+    state_dict: dict[str, torch.Tensor], targets: Sequence[Target], axis_hint: bool | None = None
+) -> FileMatch:
     """Resolve a LyCORIS-layout state dict against ``targets``.
+
+    Args:
+        state_dict: the file's tensors.
+        targets: the model's layers.
+        axis_hint: the axis the file's metadata records (keys.axis_from_metadata), used only for 1-D
+            ``dora_scale``s on square layers.
 
     Raises:
         ValueError: a module's tensors are inconsistent or do not fit its layer, or two file modules map to
@@ -93,7 +118,7 @@ def match_file(state_dict: dict[str, torch.Tensor], targets: Sequence[Target]) -
     if unknown:
         logger.warning("%d keys are not LoRA/DoRA tensors and are ignored, e.g. %s", len(unknown), unknown[:3])
     specs: dict[str, ModuleSpec] = {}
-    normalized: dict[str, torch.Tensor] = {}
+    sources: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
     unmatched: list[str] = []
     for file_name, tensors in groups.items():
         canonical = file_name if file_name in by_name else aliases.get(file_name)
@@ -105,8 +130,21 @@ def match_file(state_dict: dict[str, torch.Tensor], targets: Sequence[Target]) -
         spec = infer_spec(file_name, tensors)
         _check_fits(file_name, spec, by_name[canonical])
         specs[canonical] = spec
+        sources[canonical] = (file_name, tensors)
+    specs = _resolve_square_axes(specs, axis_hint)
+    normalized: dict[str, torch.Tensor] = {}
+    flat = 0
+    for canonical, (file_name, tensors) in sources.items():
         for suffix, tensor in tensors.items():
-            if suffix == DORA_SCALE:
-                tensor = normalize_dora_scale(file_name, tensor, spec)
+            if suffix == DORA_SCALE and tensor.ndim == 1:
+                tensor = normalize_dora_scale(file_name, tensor, specs[canonical])
+                flat += 1
+            elif suffix == ALPHA and (tensor.ndim or float(tensor) == 0):
+                # a scalar as LyCORIS writes it; 0 means alpha = rank (kohya), as the spec already reads it
+                tensor = torch.tensor(specs[canonical].alpha, dtype=tensor.dtype)
             normalized[f"{canonical}.{suffix}"] = tensor
+    if flat:
+        logger.warning("%d modules store dora_scale as 1-D; reshaped to LyCORIS' 2-D/4-D shape (ComfyUI, Forge, "
+                       "A1111, InvokeAI and SD.Next apply 1-D magnitudes wrongly: re-save the file to fix it there)",
+                       flat)
     return FileMatch(specs, normalized, unmatched)

@@ -17,7 +17,7 @@ from torch import nn
 from . import io as dio
 from . import merge
 from .args import PRESETS, NetworkArgs
-from .keys import ModuleSpec
+from .keys import ModuleSpec, axis_from_metadata
 from .layers import DoRAModule
 from .loading import FileMatch, match_file, nonfinite_modules
 from .targets import Target, find_targets
@@ -110,13 +110,13 @@ class DoRANetwork(nn.Module):
     def loras(self) -> list[DoRAModule]:
         return self.text_encoder_loras + self.unet_loras
 
-    def match_file(self, state_dict: dict[str, torch.Tensor]) -> FileMatch:
+    def match_file(self, state_dict: dict[str, torch.Tensor], axis_hint: bool | None = None) -> FileMatch:
         """Resolve a file's names/shapes against this network's layers (see loading.match_file)."""
-        return match_file(state_dict, self.targets)
+        return match_file(state_dict, self.targets, axis_hint)
 
     @staticmethod
     def match_targets(text_encoders: Sequence[nn.Module], unet: nn.Module | None,
-                      state_dict: dict[str, torch.Tensor]) -> FileMatch:
+                      state_dict: dict[str, torch.Tensor], axis_hint: bool | None = None) -> FileMatch:
         """Match a file against every layer a file may adapt (conv blocks and text encoders included).
 
         Raises:
@@ -124,7 +124,7 @@ class DoRANetwork(nn.Module):
         """
         targets = find_targets(text_encoders, unet, unet_scope="all", include_text_encoders=True,
                                with_conv_blocks=True, all_layers=True)
-        found = match_file(state_dict, targets)
+        found = match_file(state_dict, targets, axis_hint)
         _check_matched(found, targets)
         return found
 
@@ -245,12 +245,12 @@ class DoRANetwork(nn.Module):
         The file's axis (read from ``dora_scale``'s shape) wins over this network's option, so an out-axis
         LyCORIS file resumes as out-axis.
         """
-        state_dict, _ = dio.load_file(file)
-        return self.load_file_state(state_dict)
+        state_dict, metadata = dio.load_file(file)
+        return self.load_file_state(state_dict, axis_from_metadata(metadata))
 
-    def load_file_state(self, state_dict: dict[str, torch.Tensor]) -> Any:
+    def load_file_state(self, state_dict: dict[str, torch.Tensor], axis_hint: bool | None = None) -> Any:
         """Load an in-memory file state dict (any accepted spelling) into this network."""
-        found = self.match_file(state_dict)
+        found = self.match_file(state_dict, axis_hint)
         _check_matched(found, self.targets)
         modules = dict(self.named_children())
         for name, spec in found.specs.items():

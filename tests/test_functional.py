@@ -109,3 +109,24 @@ def test_undetached_norm_propagates_gradient():
 def test_eps_is_float32_machine_epsilon():
     assert DF.EPS == torch.finfo(torch.float32).eps
     assert math.isclose(DF.EPS, 1.1920928955078125e-07)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    out_dim=st.integers(1, 9), in_dim=st.integers(1, 9), rank=st.integers(1, 5), kernel=st.sampled_from([0, 1, 3]),
+    tucker=st.booleans(), wd_on_out=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_factored_norm_equals_norm_of_formed_weight(out_dim, in_dim, rank, kernel, tucker, wd_on_out, seed):
+    gen = torch.Generator().manual_seed(seed)
+    spatial = () if kernel == 0 else (kernel, kernel)
+    w0 = torch.randn((out_dim, in_dim) + spatial, generator=gen, dtype=torch.float64)
+    up = torch.randn((out_dim, rank) + ((1, 1) if kernel else ()), generator=gen, dtype=torch.float64)
+    mid = None
+    if tucker and kernel:
+        mid = torch.randn((rank, rank) + spatial, generator=gen, dtype=torch.float64)
+        down = torch.randn((rank, in_dim, 1, 1), generator=gen, dtype=torch.float64)
+    else:
+        down = torch.randn((rank, in_dim) + spatial, generator=gen, dtype=torch.float64)
+    expected = DF.weight_norm(w0 + DF.lowrank_delta(up, down, 0.3, mid), wd_on_out)
+    got = DF.adapted_norm(w0, up, down, 0.3, wd_on_out, mid)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)

@@ -194,6 +194,24 @@ def test_one_d_dora_scale_is_reshaped_with_warning(model, trained, tmp_path, cap
     assert torch.equal(dict(network.named_parameters())[key], original)
 
 
+@pytest.mark.parametrize("via", ["metadata", "other modules"])
+def test_one_d_dora_scale_on_square_layers_takes_the_files_axis(model, trained, tmp_path, caplog, via):
+    """A 1-D magnitude on a square layer cannot tell its axis; the file's metadata or other modules do."""
+    sd = {k: v.reshape(-1) if (k.endswith("dora_scale") and (via == "metadata" or "proj_in" in k)) else v
+          for k, v in trained.state_dict().items()}
+    file = tmp_path / "flat_in.safetensors"
+    metadata = {"dora_network.wd_on_out": "False"} if via == "metadata" else {}
+    safetensors.torch.save_file(sd, str(file), metadata)
+    with caplog.at_level(logging.WARNING):
+        network, _ = create_network_from_weights(1.0, str(file), None, model.text_encoders, model.unet)
+    assert f"read as per input column, from the file's {'metadata' if via == 'metadata' else 'other modules'}" \
+        in caplog.text
+    assert len([r for r in caplog.records if "1-D" in r.getMessage()]) == 2  # once per file, not per module
+    for name, value in trained.state_dict().items():
+        if name.endswith("dora_scale"):
+            assert torch.equal(dict(network.named_parameters())[name], value), name
+
+
 def test_missing_alpha_means_alpha_equals_rank(model, tmp_path):
     name = "lora_unet_down_blocks_1_attentions_0_proj_in"
     file = tmp_path / "noalpha.safetensors"
