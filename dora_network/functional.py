@@ -123,13 +123,7 @@ def blend(base: torch.Tensor, adapted: torch.Tensor, multiplier: float) -> torch
 
 
 def activation_scales(
-    base: torch.Tensor,
-    delta: torch.Tensor,
-    magnitude: torch.Tensor,
-    wd_on_out: bool,
-    multiplier: float,
-    detach_norm: bool = True,
-    eps: float = EPS,
+    norm: torch.Tensor, magnitude: torch.Tensor, multiplier: float, eps: float = EPS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors that give W(mu) x from the base path and the low-rank path without forming W'.
 
@@ -138,29 +132,20 @@ def activation_scales(
     - in-axis:  W(mu) x = W0 (c_base * x) + mu * s B A (c * x)      (scale the *input* columns)
     - out-axis: W(mu) x = c_base * (W0 x) + mu * c * (s B A x)      (scale the *output* rows)
 
-    where c_base = 1 - mu + mu * c. The norm is detached by default: the paper (section 4.3) treats
-    ||V|| as a constant in backward, which saves memory at a negligible accuracy cost.
+    where c_base = 1 - mu + mu * c.
 
     Args:
-        base: W0 (out, in[, kh, kw]); any dtype, read in float32.
-        delta: dW = s B A, same shape (may carry autograd history).
+        norm: ||W0 + dW|| along the axis (:func:`adapted_norm` or :func:`weight_norm`), ``dora_scale``-shaped;
+            detached when the norm is treated as a constant in backward (paper section 4.3).
         magnitude: m (``dora_scale`` shape).
-        wd_on_out: the axis.
         multiplier: mu.
-        detach_norm: treat the norm as a constant in backward.
         eps: added to the norm.
 
     Returns:
-        (c_base, c): float32 (float64 for a float64 base) tensors of the ``dora_scale`` shape. Multiply c by ``mu`` yourself for the
-        low-rank path.
+        (c_base, c) in the norm's dtype (float32, or float64 for a float64 base), ``dora_scale``-shaped; c_base
+        is c itself when mu = 1. Multiply c by ``mu`` yourself for the low-rank path.
     """
-    acc = _acc(base)
-    if detach_norm:
-        with torch.no_grad():
-            norm = weight_norm(base.to(acc) + delta.detach().to(acc), wd_on_out)
-    else:
-        norm = weight_norm(base.to(acc) + delta.to(acc), wd_on_out)
-    c = magnitude.to(acc) / (norm + eps)
+    c = magnitude.to(norm.dtype) / (norm + eps)
     c_base = c if multiplier == 1.0 else (1.0 - multiplier) + multiplier * c
     return c_base, c
 

@@ -27,6 +27,12 @@ from .keys import ModuleSpec
 __all__ = ["DoRAModule", "layer_kind"]
 
 
+def _graph_task_id() -> int:
+    """-1 outside backward; the running backward's id inside it (e.g. during checkpoint recomputation)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if current is None else current()
+
+
 def layer_kind(module: nn.Module) -> str:
     """'linear', 'conv1x1' or 'conv' (kxk) for a base layer; ValueError for anything else."""
     if isinstance(module, nn.Linear):
@@ -124,6 +130,8 @@ class DoRAModule(nn.Module):
         self.module_dropout = module_dropout
         self.multiplier = float(multiplier)
         self.org_forward: Callable[..., torch.Tensor] | None = None
+        self._norm_memo: tuple[tuple, torch.Tensor] | None = None  # (inputs' identity, detached norm)
+        self._base_sq_memo: tuple[tuple, torch.Tensor] | None = None  # (W0's identity, ||W0||^2 along the axis)
         self._had_instance_forward = False
         self.precalculated = False  # True while the blended weight is baked into the base (network_pre_calc)
 
@@ -192,6 +200,39 @@ class DoRAModule(nn.Module):
         mid = self.lora_mid.weight if self.use_tucker else None
         return DF.lowrank_delta(self.lora_up.weight, self.lora_down.weight, self.scale, mid)
 
+    @staticmethod
+    def _identity(*tensors: torch.Tensor | None) -> tuple:
+        """Storage, version counter and dtype of each tensor: changes when any of them is replaced or written."""
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
+
+    def _base_sq(self) -> torch.Tensor:
+        """||W0||^2 along the axis, memoised while the base weight is unchanged (it is frozen while training)."""
+        key = self._identity(self.base_weight) + (self.wd_on_out,)
+        if self._base_sq_memo is None or self._base_sq_memo[0] != key:
+            with torch.no_grad():
+                self._base_sq_memo = (key, DF.weight_norm(self.base_weight, self.wd_on_out).square())
+        return self._base_sq_memo[1]
+
+    def adapted_norm(self) -> torch.Tensor:
+        """||W0 + s B A|| along the axis (float32), factored: no weight-sized tensor is formed.
+
+        Detached by default (paper section 4.3). A detached norm is computed once per forward and reused by the
+        recomputation that gradient checkpointing runs during backward, as long as no tensor it reads changed.
+        Outside backward it is always recomputed: some optimizers (bitsandbytes, ``p.data`` updates) write
+        parameters without bumping their version counters, so a memo could not tell a new step from the last.
+        """
+        up, down = self.lora_up.weight, self.lora_down.weight
+        mid = self.lora_mid.weight if self.use_tucker else None
+        if not self.detach_norm:
+            return DF.adapted_norm(self.base_weight, up, down, self.scale, self.wd_on_out, mid, self._base_sq())
+        key = self._identity(up, down, mid, self.alpha, self.base_weight) + (self.wd_on_out,)
+        in_backward = _graph_task_id() != -1
+        if not (in_backward and self._norm_memo is not None and self._norm_memo[0] == key):
+            with torch.no_grad():
+                norm = DF.adapted_norm(self.base_weight, up, down, self.scale, self.wd_on_out, mid, self._base_sq())
+            self._norm_memo = (key, norm)
+        return self._norm_memo[1]
+
     def magnitude(self) -> torch.Tensor:
         """``dora_scale`` (its values; the math up-casts it)."""
         return self.dora_scale
@@ -251,9 +292,7 @@ class DoRAModule(nn.Module):
             return self._base_forward(x) + sum(p.sum() for p in self.parameters()) * 0.0
         if not self.dora:
             return self._base_forward(x) + self._lowrank(x, mu * self.scale)
-        c_base, c = DF.activation_scales(
-            self.base_weight, self.delta_weight(), self.magnitude(), self.wd_on_out, mu, self.detach_norm
-        )
+        c_base, c = DF.activation_scales(self.adapted_norm(), self.magnitude(), mu)
         if not self.wd_on_out:
             scaled = x * self._channel_shape(c, x.dtype)
             base_in = scaled if c_base is c else x * self._channel_shape(c_base, x.dtype)

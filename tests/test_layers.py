@@ -194,3 +194,32 @@ def test_float8_base_weight_norm_and_merge_are_finite():
     base.weight.data = base.weight.data.to(torch.float8_e4m3fn)
     merged = adapter.merged_weight()
     assert merged.dtype == torch.float32 and torch.isfinite(merged).all()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpoint_recompute_reuses_the_detached_norm(reentrant, monkeypatch):
+    """Gradient checkpointing runs the forward twice; the (detached) norm is computed once."""
+    from torch.utils.checkpoint import checkpoint
+
+    base, adapter = make_adapter("linear", False)
+    calls = []
+    original = DF.adapted_norm
+    monkeypatch.setattr(DF, "adapted_norm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x = make_input("linear").requires_grad_(True)
+    checkpoint(base, x, use_reentrant=reentrant).sum().backward()
+    assert len(calls) == 1
+    with_ckpt = adapter.lora_up.weight.grad.clone()
+    adapter.zero_grad()
+    base(x).sum().backward()
+    torch.testing.assert_close(adapter.lora_up.weight.grad, with_ckpt, rtol=1e-12, atol=1e-12)
+
+
+def test_norm_follows_writes_that_bypass_version_counters():
+    """bitsandbytes-style optimizers write p.data without bumping versions: the next forward must see it."""
+    base, adapter = make_adapter("linear", False)
+    adapter.eval()
+    x = make_input("linear")
+    base(x)
+    adapter.lora_up.weight.data.add_(0.5)  # .data writes are invisible to the version counter
+    expected = run_with_weight(base, x, explicit_weight(base, adapter, 1.0))
+    torch.testing.assert_close(base(x), expected, rtol=1e-10, atol=1e-10)
