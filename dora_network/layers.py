@@ -248,15 +248,28 @@ class DoRAModule(nn.Module):
         return DF.blend(base, DF.dora_weight(base, delta, self.magnitude(), self.wd_on_out), mu)
 
     def _lowrank(
-        self, x: torch.Tensor, up_scale: torch.Tensor | float, bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        up_scale: torch.Tensor | float,
+        bias: torch.Tensor | None = None,
+        down_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """up(mid(down(x))) * up_scale (+ bias), with the dropouts.
+        """up(mid(down(x * down_scale))) * up_scale (+ bias), with the dropouts.
+
+        ``down_scale`` (one factor per input channel) is folded into the (r, in) ``lora_down`` weight, so the
+        scaled input is never formed for this path and autograd keeps only ``x``, which the base path's scaling
+        keeps anyway.
 
         ``up_scale`` (a number, or one factor per output channel shaped like ``lora_up.weight``'s dim 0) is folded
         into the (out, r) ``lora_up`` weight instead of multiplying the (tokens, out) output: one pass over a
         tiny tensor instead of two passes (forward and backward) over an activation-sized one.
         """
-        hidden = self.lora_down(x)
+        if down_scale is None:
+            hidden = self.lora_down(x)
+        else:
+            down = self.lora_down.weight
+            down = down * down_scale.reshape((1, -1) + (1,) * (down.dim() - 2)).to(down.dtype)
+            hidden = F.linear(x, down) if self.kind == "linear" else self.lora_down._conv_forward(x, down, None)
         if self.training and self.dropout:
             hidden = F.dropout(hidden, p=self.dropout)
         if self.use_tucker:
@@ -294,9 +307,8 @@ class DoRAModule(nn.Module):
             return self._base_forward(x) + self._lowrank(x, mu * self.scale)
         c_base, c = DF.activation_scales(self.adapted_norm(), self.magnitude(), mu)
         if not self.wd_on_out:
-            scaled = x * self._channel_shape(c, x.dtype)
-            base_in = scaled if c_base is c else x * self._channel_shape(c_base, x.dtype)
-            return self._base_forward(base_in) + self._lowrank(scaled, mu * self.scale)
+            base_in = x * self._channel_shape(c_base, x.dtype)
+            return self._base_forward(base_in) + self._lowrank(x, mu * self.scale, down_scale=c)
         # out-axis: y = c_b * (W0 x + b) + (1 - c_b) * b + mu*s*c * B A x, one fused pass over the output
         out = self._base_forward(x)
         bias = getattr(self.base_layer, "bias", None)
