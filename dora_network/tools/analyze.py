@@ -29,6 +29,8 @@ from typing import Any, Sequence
 import torch
 
 from .. import functional as DF
+from .base_model import load_model, model_parts
+from .cli import make_parser, parse_args, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -119,18 +121,6 @@ def fit_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     return slope, corr
 
 
-def _components(model: Any) -> tuple[list[torch.nn.Module], torch.nn.Module]:
-    """(text encoders, unet) of a TinySDXL, a diffusers pipeline, or a ``(text_encoders, unet)`` pair."""
-    if isinstance(model, tuple):
-        return list(model[0]), model[1]
-    if hasattr(model, "text_encoders"):
-        return list(model.text_encoders), model.unet
-    encoders = [getattr(model, name, None) for name in ("text_encoder", "text_encoder_2")]
-    if getattr(model, "unet", None) is None:
-        raise TypeError(f"expected a TinySDXL, a diffusers pipeline or (text_encoders, unet), got {type(model)}")
-    return [te for te in encoders if te is not None], model.unet
-
-
 @torch.no_grad()
 def analyze_files(model: Any, files: Sequence[str | os.PathLike], labels: Sequence[str] | None = None,
                   axis: str = "in", name_filter: str | None = None) -> AnalysisReport:
@@ -151,7 +141,7 @@ def analyze_files(model: Any, files: Sequence[str | os.PathLike], labels: Sequen
     """
     from .. import create_network_from_weights
 
-    text_encoders, unet = _components(model)
+    text_encoders, unet = model_parts(model)
     labels = list(labels) if labels is not None else [Path(f).stem for f in files]
     if len(labels) != len(files):
         raise ValueError(f"{len(labels)} labels for {len(files)} files; give one label per file")
@@ -206,33 +196,18 @@ def summary_table(report: AnalysisReport) -> str:
     return "\n".join(lines)
 
 
-def load_base(model: str, seed: int = 0, model_config: str | None = None) -> Any:
-    """``"tiny"`` (the seeded tiny SDXL) or a diffusers SDXL folder (its UNet and text encoders, float32)."""
-    if model == "tiny":
-        from ..tiny import build_tiny_sdxl, load_tiny_config
-
-        return build_tiny_sdxl(load_tiny_config(model_config), seed=seed)
-    folder = Path(model)
-    if not (folder / "unet").is_dir():
-        raise FileNotFoundError(f"--model '{model}' is neither 'tiny' nor a diffusers folder with unet/")
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    encoders = [cls.from_pretrained(folder / name) for cls, name in
-                ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))
-                if (folder / name).is_dir()]
-    return encoders, UNet2DConditionModel.from_pretrained(folder / "unet")
+load_base = load_model  # (text_encoders, unet) of "tiny" or a diffusers folder; the name scripts/ use
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dora-analyze",
-        description="Magnitude/direction analysis of DoRA and LoRA files (DoRA paper, section 3): per layer dM and "
-                    "dD against the base, the dD-on-dM slope and Pearson r per file; writes PNG, CSV and JSON.",
-        epilog="example:\n  dora-analyze --model tiny --network_weights out/lora.safetensors out/dora.safetensors "
-               "\\\n      --labels LoRA DoRA --output_dir analysis/\n"
-               "  dora-analyze --model sdxl_diffusers/ --network_weights my_dora.safetensors --name_filter to_q",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(
+        "dora-analyze",
+        "Magnitude/direction analysis of DoRA and LoRA files (DoRA paper, section 3): per layer dM and dD against "
+        "the base, the dD-on-dM slope and Pearson r per file; writes PNG, CSV and JSON.",
+        "example:\n  dora-analyze --model tiny --network_weights out/lora.safetensors out/dora.safetensors "
+        "\\\n      --labels LoRA DoRA --output_dir analysis/\n"
+        "  dora-analyze --model sdxl_diffusers/ --network_weights my_dora.safetensors --name_filter to_q",
+    )
     parser.add_argument("--model", default="tiny", help="'tiny' (seeded tiny SDXL) or a diffusers SDXL folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tiny model (the smoke trainer's --seed)")
     parser.add_argument("--model_config", default=None, help="tiny SDXL TOML (default: configs/tiny_sdxl.toml)")
@@ -247,18 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``dora-analyze``: see ``--help``. Returns 0 on success."""
-    args = build_parser().parse_args(argv)
-    from ..smoke import setup_logging
-
-    setup_logging()
-    from tqdm.auto import tqdm
-
+    args = parse_args(build_parser(), argv)
     base = load_base(args.model, args.seed, args.model_config)
     labels = args.labels or [Path(f).stem for f in args.network_weights]
     if len(labels) != len(args.network_weights):
         build_parser().error(f"--labels has {len(labels)} values for {len(args.network_weights)} files")
     report = AnalysisReport(args.axis)
-    for file, label in tqdm(list(zip(args.network_weights, labels)), desc="analysing", unit="file"):
+    for file, label in progress_bar(list(zip(args.network_weights, labels)), desc="analysing", unit="file"):
         report.files += analyze_files(base, [file], [label], args.axis, args.name_filter).files
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
