@@ -286,20 +286,12 @@ def _report(settings: SmokeSettings, result: TrainResult, checks: list[Any], tot
 
 def setup_logging() -> None:
     """Root logging for the script at INFO: rich if importable, plain otherwise; existing handlers are kept."""
+    from .tools.cli import install_root_handler
+
     root = logging.getLogger()
     if root.level == logging.NOTSET or root.level > logging.INFO:
         root.setLevel(logging.INFO)
-    if root.handlers:
-        return
-    try:
-        from rich.logging import RichHandler
-
-        handler: logging.Handler = RichHandler(show_path=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    except ImportError:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
+    install_root_handler("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

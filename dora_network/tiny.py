@@ -110,6 +110,34 @@ def load_tokenizers(config: dict[str, Any] | None = None) -> list[Any]:
     return [tok1, tok2]
 
 
+def build_unet(cfg: dict[str, Any], seed: int) -> Any:
+    """The SDXL-layout ``UNet2DConditionModel`` of a resolved config, seeded; on CPU in float32.
+
+    Shared by :func:`build_tiny_sdxl` and the benchmark, which needs the UNet alone.
+    """
+    from diffusers import UNet2DConditionModel
+
+    u, v = cfg["unet"], cfg["vae"]
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=cfg["image"]["latent_size"],
+        in_channels=v["latent_channels"],
+        out_channels=v["latent_channels"],
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=tuple(u["block_out_channels"]),
+        layers_per_block=u["layers_per_block"],
+        transformer_layers_per_block=tuple(u["transformer_layers_per_block"]),
+        attention_head_dim=tuple(u["attention_head_dim"]),
+        norm_num_groups=u["norm_num_groups"],
+        cross_attention_dim=cfg["text_encoder_1"]["hidden_size"] + cfg["text_encoder_2"]["hidden_size"],
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=u["addition_time_embed_dim"],
+        projection_class_embeddings_input_dim=cfg["text_encoder_2"]["projection_dim"] + 6 * u["addition_time_embed_dim"],
+    )
+
+
 def build_tiny_sdxl(
     config: dict[str, Any] | None = None,
     seed: int = 0,
@@ -133,7 +161,7 @@ def build_tiny_sdxl(
     Raises:
         ValueError: If ``image.resolution`` / VAE downsampling != ``image.latent_size``.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = _merge(load_tiny_config(PACKAGED_CONFIG), config) if config is not None else load_tiny_config()
@@ -161,24 +189,7 @@ def build_tiny_sdxl(
     te_hidden = cfg["text_encoder_1"]["hidden_size"] + cfg["text_encoder_2"]["hidden_size"]
     proj_dim = cfg["text_encoder_2"]["projection_dim"]
     add_in = proj_dim + 6 * u["addition_time_embed_dim"]
-    torch.manual_seed(seed + 2)
-    unet = UNet2DConditionModel(
-        sample_size=img["latent_size"],
-        in_channels=v["latent_channels"],
-        out_channels=v["latent_channels"],
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=tuple(u["block_out_channels"]),
-        layers_per_block=u["layers_per_block"],
-        transformer_layers_per_block=tuple(u["transformer_layers_per_block"]),
-        attention_head_dim=tuple(u["attention_head_dim"]),
-        norm_num_groups=u["norm_num_groups"],
-        cross_attention_dim=te_hidden,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=u["addition_time_embed_dim"],
-        projection_class_embeddings_input_dim=add_in,
-    )
+    unet = build_unet(cfg, seed + 2)
     _place(unet, device, dtype)
 
     torch.manual_seed(seed + 3)

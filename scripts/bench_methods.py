@@ -67,28 +67,10 @@ def load_config(path: str) -> dict[str, Any]:
 
 
 def build_unet(cfg: dict[str, Any], seed: int = 0) -> nn.Module:
-    """The UNet part of ``dora_network.tiny.build_tiny_sdxl`` (same constructor), without text encoders or VAE."""
-    from diffusers import UNet2DConditionModel
+    """The UNet part of ``dora_network.tiny.build_tiny_sdxl`` (the same builder), without text encoders or VAE."""
+    from dora_network.tiny import build_unet as tiny_unet
 
-    u = cfg["unet"]
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        in_channels=cfg["vae"]["latent_channels"],
-        out_channels=cfg["vae"]["latent_channels"],
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=tuple(u["block_out_channels"]),
-        layers_per_block=u["layers_per_block"],
-        transformer_layers_per_block=tuple(u["transformer_layers_per_block"]),
-        attention_head_dim=tuple(u["attention_head_dim"]),
-        norm_num_groups=u["norm_num_groups"],
-        cross_attention_dim=cfg["text_encoder_1"]["hidden_size"] + cfg["text_encoder_2"]["hidden_size"],
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=u["addition_time_embed_dim"],
-        projection_class_embeddings_input_dim=cfg["text_encoder_2"]["projection_dim"]
-        + 6 * u["addition_time_embed_dim"],
-    )
+    return tiny_unet(cfg, seed)
 
 
 def unet_inputs(cfg: dict[str, Any], latent: int, seed: int = 123) -> dict[str, torch.Tensor]:

@@ -13,10 +13,34 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-__all__ = ["PRECISIONS", "add_report_flags", "make_parser", "parse_args", "progress_bar", "setup_logging"]
+__all__ = [
+    "PRECISIONS", "add_report_flags", "install_root_handler", "make_parser", "parse_args", "progress_bar",
+    "setup_logging",
+]
 
 #: ``--save_precision`` / ``--dora_scale_precision`` choices (sd-scripts' spellings) -> dtype.
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def install_root_handler(plain_format: str) -> bool:
+    """Give the root logger one handler (rich if importable, else plain ``plain_format``) unless it has one.
+
+    Returns:
+        True if a handler was installed, False if logging was already configured (then nothing changes).
+    """
+    root = logging.getLogger()
+    if root.handlers:
+        return False
+    try:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    except ImportError:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(plain_format))
+    root.addHandler(handler)
+    return True
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -25,20 +49,8 @@ def setup_logging(verbose: bool = False) -> None:
     Args:
         verbose: INFO level (progress lines) instead of WARNING.
     """
-    root = logging.getLogger()
-    level = logging.INFO if verbose else logging.WARNING
-    if root.handlers:
-        return
-    try:
-        from rich.logging import RichHandler
-
-        handler: logging.Handler = RichHandler(show_path=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    except ImportError:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level)
+    if install_root_handler("%(levelname)s %(name)s: %(message)s"):
+        logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def make_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
