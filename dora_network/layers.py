@@ -9,7 +9,8 @@ Forward (see functional.py for the derivation), with c = m / (||W0 + sBA|| + eps
     in-axis : y = base(x * c_b) + mu*s * up(down(x * c))
     out-axis: y = c_b * base(x) + (1 - c_b) * bias + mu*s * c * up(down(x))
 
-No second weight-sized matmul runs: W' is only formed, without gradient, to take its norm.
+No second weight-sized matmul runs, and no weight-sized tensor is formed: the norm is factored
+(functional.adapted_norm); W' itself is only built for merges.
 """
 
 from __future__ import annotations
@@ -233,10 +234,6 @@ class DoRAModule(nn.Module):
             self._norm_memo = (key, norm)
         return self._norm_memo[1]
 
-    def magnitude(self) -> torch.Tensor:
-        """``dora_scale`` (its values; the math up-casts it)."""
-        return self.dora_scale
-
     @torch.no_grad()
     def merged_weight(self, multiplier: float | None = None) -> torch.Tensor:
         """W(mu) = W0 + mu * (W' - W0) in float32 (plain LoRA: W0 + mu * s B A)."""
@@ -245,7 +242,7 @@ class DoRAModule(nn.Module):
         delta = self.delta_weight()
         if not self.dora:
             return base.to(delta.dtype) + mu * delta
-        return DF.blend(base, DF.dora_weight(base, delta, self.magnitude(), self.wd_on_out), mu)
+        return DF.blend(base, DF.dora_weight(base, delta, self.dora_scale, self.wd_on_out), mu)
 
     def _lowrank(
         self,
@@ -305,7 +302,7 @@ class DoRAModule(nn.Module):
             return self._base_forward(x) + sum(p.sum() for p in self.parameters()) * 0.0
         if not self.dora:
             return self._base_forward(x) + self._lowrank(x, mu * self.scale)
-        c_base, c = DF.activation_scales(self.adapted_norm(), self.magnitude(), mu)
+        c_base, c = DF.activation_scales(self.adapted_norm(), self.dora_scale, mu)
         if not self.wd_on_out:
             base_in = x * self._channel_shape(c_base, x.dtype)
             return self._base_forward(base_in) + self._lowrank(x, mu * self.scale, down_scale=c)

@@ -284,7 +284,7 @@ def _norm_call(applied: Applied) -> Callable[[], Any] | None:
     from dora_network import functional as DF
 
     m = mods[0]
-    return lambda: DF.activation_scales(m.adapted_norm(), m.magnitude(), m.multiplier)
+    return lambda: DF.activation_scales(m.adapted_norm(), m.dora_scale, m.multiplier)
 
 
 def measure_micro(spec: dict[str, Any]) -> dict[str, Any]:
