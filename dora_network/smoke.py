@@ -30,10 +30,11 @@ from .smoke_data import Example, load_image_folder, synthetic_examples
 from .smoke_model import Probe, build_model, make_probe, predict_noise, probe_output, text_conditioning
 from .smoke_report import (key_counts, moving_average, plot_loss, state_digest, training_metadata,
                            write_json)
+from .smoke_state import ResumeError, load_state, save_state, state_path, step_file_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SMOKE_COMMAND", "TrainResult", "main", "train"]
+__all__ = ["SMOKE_COMMAND", "TrainResult", "TrainingDiverged", "main", "train"]
 
 #: The README's main command; tests check the README quotes it.
 SMOKE_COMMAND = "bash scripts/smoke_train.sh"
@@ -56,6 +57,7 @@ class TrainResult:
         device: where the models live.
         num_processes: data-parallel processes.
         is_main: this is the main process.
+        resumed_from: the step a ``--resume`` continued from (0: a fresh run).
     """
 
     file: Path
@@ -70,6 +72,7 @@ class TrainResult:
     device: torch.device
     num_processes: int
     is_main: bool
+    resumed_from: int = 0
 
 
 def _examples(settings: SmokeSettings) -> list[Example]:
@@ -101,6 +104,51 @@ class _LatentDataset(torch.utils.data.Dataset):
         return self.latents[index], self.captions[index]
 
 
+class _EpochShuffle(torch.utils.data.Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same batches in the same order.
+
+    Set ``epoch`` before iterating. (Not ``set_epoch``: accelerate would call that with its own counter.)
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, int(seed), 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):  # type: ignore[override]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """The global torch seed of one step on one process: noise, timesteps and dropout depend on nothing else."""
+    return ((int(seed) * 1_000_003 + step) * 1024 + rank) % (2**63)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or an adapter weight became NaN/Inf; the message names the step and the last good save."""
+
+
+def _diverged(what: str, step: int, last_good: Path | None, settings: SmokeSettings) -> TrainingDiverged:
+    if last_good is not None:
+        kept = (f"The last good save is {last_good} (its resume state beside it); nothing newer was written. "
+                f"Continue from it with --resume {state_path(last_good)} and a lower --learning_rate "
+                f"(now {settings.learning_rate:g})")
+    else:
+        periodic = "" if settings.save_every_n_steps else " and --save_every_n_steps N to keep good checkpoints"
+        kept = (f"Nothing was saved before step {step}; restart with a lower --learning_rate (now "
+                f"{settings.learning_rate:g}){periodic}")
+    clip = "" if settings.max_grad_norm else " or turn on --max_grad_norm 1.0"
+    return TrainingDiverged(f"training diverged at step {step}: {what}. {kept}{clip}")
+
+
+def _weights_finite(params: Sequence[torch.Tensor]) -> bool:
+    """One fused norm over every trainable tensor: a NaN or Inf anywhere makes it non-finite."""
+    norms = torch._foreach_norm([p.detach() for p in params])
+    return bool(torch.stack([n.float() for n in norms]).isfinite().all())
+
+
 def _has_accelerator() -> bool:
     xpu = getattr(torch, "xpu", None)
     return (torch.cuda.is_available() or torch.backends.mps.is_available()
@@ -116,16 +164,35 @@ def _all_reduce_gradients(accelerator: Any, network: torch.nn.Module) -> None:
 
 
 def train(settings: SmokeSettings) -> TrainResult:
-    """Train, save (rank 0) and return what the checks need. See the module docstring for the call order."""
+    """Train, save (rank 0) and return what the checks need. See the module docstring for the call order.
+
+    Raises:
+        TrainingDiverged: a NaN/Inf loss or adapter weight; files saved before it are kept.
+        ResumeError: a ``--resume`` state that is missing or does not fit these settings.
+    """
     from accelerate import Accelerator
+
+    # cpu=True without an accelerator: only then does accelerate turn a multi-process launch into gloo data parallel
+    # (MULTI_CPU) instead of N independent runs
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=not _has_accelerator())
+    try:
+        return _train(settings, accelerator)
+    finally:
+        accelerator.end_training()
+        _forget_accelerate_state()
+
+
+def _train(settings: SmokeSettings, accelerator: Any) -> TrainResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     import dora_network
 
-    # cpu=True without an accelerator: only then does accelerate turn a multi-process launch into gloo data parallel
-    # (MULTI_CPU) instead of N independent runs
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=not _has_accelerator())
+    resume = load_state(settings.resume) if settings.resume else None
+    if resume is not None:
+        changed = resume.check_compatible(settings, accelerator.num_processes)
+        logger.info("resuming from %s at step %d%s", resume.path, resume.step,
+                    f" with new {', '.join(changed)} (not a replay of the original run)" if changed else "")
     device = accelerator.device
     set_seed(settings.seed)
     model = build_model(settings, device)  # base models frozen: requires_grad_(False), as sd-scripts
@@ -142,6 +209,8 @@ def train(settings: SmokeSettings) -> TrainResult:
         1.0, settings.network_dim, settings.network_alpha, model.vae, text_encoders, unet, neuron_dropout=None,
         **net_kwargs)
     network.apply_to(text_encoders, unet, train_text_encoder, train_unet)
+    if resume is not None:
+        network.load_state_dict(resume.network, strict=True)
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_text_encoder:
@@ -151,85 +220,128 @@ def train(settings: SmokeSettings) -> TrainResult:
     params, descriptions = network.prepare_optimizer_params_with_multiple_te_lrs(
         settings.text_encoder_lr or None, settings.unet_lr, settings.learning_rate)
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        for group, fresh in zip(optimizer.param_groups, params):
+            group["lr"] = fresh.get("lr", settings.learning_rate)  # this run's rates win (e.g. lowered)
     logger.info("optimizer groups: %s", ", ".join(f"{d} ({g.get('lr')})" for d, g in zip(descriptions, params)))
 
+    sampler = _EpochShuffle(len(captions), settings.seed)
     dataloader = torch.utils.data.DataLoader(
-        _LatentDataset(latents, captions), batch_size=settings.train_batch_size, shuffle=True, num_workers=0)
+        _LatentDataset(latents, captions), batch_size=settings.train_batch_size, sampler=sampler, num_workers=0)
     network, optimizer, dataloader = accelerator.prepare(network, optimizer, dataloader)
     net = accelerator.unwrap_model(network)
     net.prepare_grad_etc(text_encoders, unet)
+    if resume is not None and resume.scaler is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(resume.scaler)
     # sd-scripts: models in train mode only for gradient checkpointing (diffusers checkpoints only in training)
     for part in (unet, *text_encoders):
         part.train(settings.gradient_checkpointing)
 
-    scheduler = model.noise_scheduler
+    trainable = list(net.get_trainable_params())
     steps_per_epoch = len(dataloader)
     epochs = math.ceil(settings.max_train_steps / steps_per_epoch)
-    losses: list[float] = []
-    progress = tqdm(total=settings.max_train_steps, desc="smoke train", dynamic_ncols=True,
+    first_step = resume.step if resume is not None else 0
+    losses: list[float] = list(resume.losses) if resume is not None else []
+    output_dir = Path(settings.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    last_good: Path | None = None
+
+    def save(file: Path, steps: int) -> None:
+        """The network file (rank 0) and its resume state, each written atomically."""
+        if accelerator.is_main_process:
+            metadata = training_metadata(settings, net_kwargs, started_at=started_at, steps=steps, epochs=epochs,
+                                         num_images=len(examples), num_processes=accelerator.num_processes)
+            net.save_weights(str(file), _save_dtype(settings), metadata)
+            save_state(file, step=steps, losses=losses, network=net, optimizer=optimizer, scaler=accelerator.scaler,
+                       settings=settings, num_processes=accelerator.num_processes)
+            logger.info("saved %s (step %d)", file, steps)
+
+    fault_kind, _, fault_step = settings.fault.partition("@")
+    progress = tqdm(total=settings.max_train_steps, initial=first_step, desc="smoke train", dynamic_ncols=True,
                     disable=not accelerator.is_local_main_process)
     started_at, start = time.time(), time.perf_counter()
-    for epoch in range(epochs):
-        net.on_epoch_start(text_encoders, unet)
-        for batch_latents, batch_captions in dataloader:
-            if len(losses) >= settings.max_train_steps:
-                break
-            net.on_step_start(text_encoders, unet)
-            batch_latents = batch_latents.to(device)
-            noise = torch.randn_like(batch_latents)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_latents.shape[0],),
-                                      device=device)
-            noisy_latents = scheduler.add_noise(batch_latents, noise, timesteps)
-            with torch.set_grad_enabled(train_text_encoder), accelerator.autocast():
-                prompt_embeds, pooled = text_conditioning(model, batch_captions)
-            if settings.gradient_checkpointing:
-                # sd-scripts: with (reentrant) checkpointing the block inputs must require grad for the adapters
-                # inside to get gradients
-                noisy_latents.requires_grad_(True)
-                prompt_embeds.requires_grad_(True)
-                pooled.requires_grad_(True)
-            with accelerator.autocast():
-                noise_pred = predict_noise(model, noisy_latents, timesteps, prompt_embeds, pooled)
-            loss = torch.nn.functional.mse_loss(noise_pred.float(), noise.float(), reduction="none")
-            loss = loss.mean(dim=(1, 2, 3)).mean()
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if accelerator.num_processes > 1:
-                    _all_reduce_gradients(accelerator, network)
-                if settings.max_grad_norm:
-                    accelerator.clip_grad_norm_(net.get_trainable_params(), settings.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(accelerator.reduce(loss.detach(), reduction="mean")))
-            average = moving_average(losses[-settings.loss_window:], settings.loss_window)[-1]
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.4f}", avg=f"{average:.4f}", epoch=epoch + 1)
+    try:
+        for epoch in range(first_step // steps_per_epoch, epochs):
+            sampler.epoch = epoch
+            net.on_epoch_start(text_encoders, unet)
+            for index, (batch_latents, batch_captions) in enumerate(dataloader):
+                step = epoch * steps_per_epoch + index + 1  # the optimizer step this batch makes, 1-based
+                if step <= first_step:
+                    continue  # done before the resume: same batches, skipped
+                if step > settings.max_train_steps:
+                    break
+                torch.manual_seed(_step_seed(settings.seed, step, accelerator.process_index))
+                net.on_step_start(text_encoders, unet)
+                loss = _noise_prediction_loss(settings, model, accelerator, batch_latents.to(device),
+                                              batch_captions, train_text_encoder)
+                if fault_kind == "nan_loss" and step == int(fault_step):
+                    loss = loss * float("nan")
+                # checked before backward, on the loss every process agrees on, so the weights are never touched
+                step_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+                if not math.isfinite(step_loss):
+                    raise _diverged(f"the loss is {step_loss}", step, last_good, settings)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if accelerator.num_processes > 1:
+                        _all_reduce_gradients(accelerator, network)
+                    if settings.max_grad_norm:
+                        accelerator.clip_grad_norm_(net.get_trainable_params(), settings.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if fault_kind == "nan_weight" and step == int(fault_step):
+                    with torch.no_grad():
+                        trainable[0].view(-1)[0] = float("nan")
+                if not _weights_finite(trainable):
+                    raise _diverged("an adapter weight became NaN/Inf in the optimizer step", step, last_good, settings)
+                losses.append(step_loss)
+                average = moving_average(losses[-settings.loss_window:], settings.loss_window)[-1]
+                progress.update(1)
+                progress.set_postfix(loss=f"{losses[-1]:.4f}", avg=f"{average:.4f}", epoch=epoch + 1)
+                if settings.save_every_n_steps and step % settings.save_every_n_steps == 0 \
+                        and step < settings.max_train_steps:
+                    last_good = output_dir / step_file_name(settings.output_name, step)
+                    save(last_good, step)
+    finally:
+        progress.close()  # before any error message, so it is not glued to the bar
     seconds = time.perf_counter() - start
-    progress.close()
 
     accelerator.wait_for_everyone()
     net.eval()
     for part in (unet, *text_encoders):
         part.eval()
     digest = state_digest(net.state_dict())
-    output_dir = Path(settings.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     if settings.rank_digests:
         write_json(output_dir / f"rank{accelerator.process_index}_digest.json",
                    {"rank": accelerator.process_index, "sha256": digest, "steps": len(losses)})
     file = output_dir / f"{settings.output_name}.safetensors"
-    if accelerator.is_main_process:
-        metadata = training_metadata(settings, net_kwargs, started_at=started_at, steps=len(losses), epochs=epochs,
-                                     num_images=len(examples), num_processes=accelerator.num_processes)
-        net.save_weights(str(file), _save_dtype(settings), metadata)
-        logger.info("saved %s", file)
+    save(file, len(losses))
     reference = probe_output(model, probe) if accelerator.is_main_process else torch.empty(0)
     result = TrainResult(file, losses, seconds, epochs, len(examples), reference, probe, len(net.loras), digest,
-                         device, accelerator.num_processes, accelerator.is_main_process)
+                         device, accelerator.num_processes, accelerator.is_main_process, first_step)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
-    _forget_accelerate_state()
     return result
+
+
+def _noise_prediction_loss(settings: SmokeSettings, model: Any, accelerator: Any, latents: torch.Tensor,
+                           captions: Sequence[str], train_text_encoder: bool) -> torch.Tensor:
+    """sd-scripts' epsilon loss for one batch: noise at random timesteps, the UNet's prediction, per-image MSE."""
+    scheduler = model.noise_scheduler
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    with torch.set_grad_enabled(train_text_encoder), accelerator.autocast():
+        prompt_embeds, pooled = text_conditioning(model, captions)
+    if settings.gradient_checkpointing:
+        # sd-scripts: with (reentrant) checkpointing the block inputs must require grad for the adapters inside
+        # to get gradients
+        noisy_latents.requires_grad_(True)
+        prompt_embeds.requires_grad_(True)
+        pooled.requires_grad_(True)
+    with accelerator.autocast():
+        noise_pred = predict_noise(model, noisy_latents, timesteps, prompt_embeds, pooled)
+    loss = torch.nn.functional.mse_loss(noise_pred.float(), noise.float(), reduction="none")
+    return loss.mean(dim=(1, 2, 3)).mean()
 
 
 def _forget_accelerate_state() -> None:
@@ -264,7 +376,8 @@ def _report(settings: SmokeSettings, result: TrainResult, checks: list[Any], tot
         "num_images": result.num_images,
         "train_seconds": round(result.seconds, 3),
         "total_seconds": round(total_seconds, 3),
-        "it_per_s": round(steps / result.seconds, 3) if result.seconds else None,
+        "resumed_from_step": result.resumed_from,
+        "it_per_s": round((steps - result.resumed_from) / result.seconds, 3) if result.seconds else None,
         "loss_window": window,
         "first_moving_average_loss": sum(result.losses[:window]) / window,
         "last_moving_average_loss": averages[-1],
@@ -301,7 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (None: ``sys.argv[1:]``).
 
     Returns:
-        0 when every self-check passed (or on a non-main process), 1 when one failed, 2 for bad settings.
+        0 when every self-check passed (or on a non-main process), 1 when one failed, 2 for bad settings or a
+        resume state that does not fit them, 3 when the training diverged (NaN/Inf; earlier saves are kept).
     """
     try:
         settings = load_settings(argv)
@@ -314,6 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(settings.num_cpu_threads)
     try:
         return _run(settings)
+    except ResumeError as error:
+        print(f"dora-smoke-train: error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"dora-smoke-train: error: {error}", file=sys.stderr)
+        return 3
     finally:
         torch.set_num_threads(threads)  # an in-process caller (a test) gets its thread count back
 
@@ -334,7 +454,8 @@ def _run(settings: SmokeSettings) -> int:
     summary = _report(settings, result, checks, time.perf_counter() - begin)
     write_json(output_dir / "summary.json", summary)
     steps = summary["steps"]
-    print(f"trained {steps} steps in {result.seconds:.1f} s ({summary['it_per_s']} it/s); loss moving average "
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    print(f"trained {steps} steps{resumed} in {result.seconds:.1f} s ({summary['it_per_s']} it/s); loss moving average "
           f"{summary['first_moving_average_loss']:.4f} -> {summary['last_moving_average_loss']:.4f}")
     for check in checks:
         print(check.line())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -59,7 +60,13 @@ class SmokeSettings:
         loss_window: steps averaged for the first/last moving-average loss.
         min_loss_drop: the loss check passes when last/first moving average <= 1 - this.
         skip_checks: self-checks not to run (see :data:`CHECKS`).
+        save_every_n_steps: also save ``<output_name>-stepNNNNNNNN.safetensors`` and its resume state every N
+            steps (0: only at the end). A run that diverges keeps these and stops.
+        resume: a resume state (``...-state.safetensors``, or the network file it sits beside) to continue from;
+            the continued run repeats the uninterrupted one bit for bit on CPU.
         rank_digests: each process writes ``rank<N>_digest.json`` (a hash of its adapter weights); hidden flag.
+        fault: ``nan_loss@N`` or ``nan_weight@N`` makes step N's loss or an adapter weight NaN (tests of the
+            divergence guard); hidden flag.
     """
 
     seed: int = 0
@@ -87,7 +94,10 @@ class SmokeSettings:
     loss_window: int = 20
     min_loss_drop: float = 0.3
     skip_checks: list[str] = field(default_factory=list)
+    save_every_n_steps: int = 0
+    resume: str = ""
     rank_digests: bool = False
+    fault: str = ""
 
     def network_kwargs(self) -> dict[str, str | None]:
         """``--network_args`` as sd-scripts hands them to ``create_network``: string values, ``dropout`` injected.
@@ -127,6 +137,10 @@ class SmokeSettings:
         unknown = sorted(set(self.skip_checks) - set(CHECKS))
         if unknown:
             problems.append(f"skip_checks={unknown} must be among {', '.join(CHECKS)}")
+        if self.save_every_n_steps < 0:
+            problems.append(f"save_every_n_steps={self.save_every_n_steps} must be >= 0 (0: save only at the end)")
+        if self.fault and not re.fullmatch(r"(nan_loss|nan_weight)@[1-9][0-9]*", self.fault):
+            problems.append(f"fault={self.fault!r} must be nan_loss@N or nan_weight@N")
         if self.num_cpu_threads < 0:
             problems.append(f"num_cpu_threads={self.num_cpu_threads} must be >= 0")
         if not 0 <= self.min_loss_drop < 1:
@@ -136,7 +150,7 @@ class SmokeSettings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(SmokeSettings)}
-_HIDDEN = {"rank_digests"}
+_HIDDEN = {"rank_digests", "fault"}
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -240,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--loss_window", type=int, help="steps in the first/last moving average of the loss check")
     add("--min_loss_drop", type=float, help="required relative fall of the moving-average loss, e.g. 0.1")
     add("--skip_checks", nargs="*", choices=CHECKS, help="self-checks not to run")
+    add("--save_every_n_steps", type=int, help="also save a step file and its resume state every N steps")
+    add("--resume", metavar="STATE", help="continue from a ...-state.safetensors (or the network file beside it)")
     add("--rank_digests", action="store_true", default=None, help=argparse.SUPPRESS)
+    add("--fault", help=argparse.SUPPRESS)
     return parser
 
 
