@@ -96,7 +96,8 @@ def create_network_from_weights(
         diffusers UNet names resolved, 1-D ``dora_scale`` reshaped), ready for ``load_state_dict``.
 
     Raises:
-        FileNotFoundError / ValueError: unreadable file, or one that does not fit the model.
+        FileNotFoundError / ValueError: unreadable file, or one that does not fit the model (one of which only
+            some modules name a layer here needs ``allow_partial_load=True`` in kwargs).
     """
     metadata: dict[str, str] = {}
     if weights_sd is None:
@@ -110,7 +111,8 @@ def create_network_from_weights(
     args = parse_network_args(None, None, None, **{k: v for k, v in kwargs.items() if k.lower() not in structural})
     text_encoders = normalize_text_encoders(text_encoder)
     real_unet = unwrap_unet(unet)
-    probe = DoRANetwork.match_targets(text_encoders, real_unet, weights_sd, axis_from_metadata(metadata))
+    probe = DoRANetwork.match_targets(text_encoders, real_unet, weights_sd, axis_from_metadata(metadata),
+                                      allow_partial=args.allow_partial_load)
     network = DoRANetwork(text_encoders, real_unet, args, multiplier=float(multiplier), file_specs=probe.specs)
     network.load_state_dict(probe.state_dict, strict=False)
     if for_inference:

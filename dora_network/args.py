@@ -53,6 +53,8 @@ class NetworkArgs:
         preset: which layers get adapters, see :data:`PRESETS`.
         loraplus_lr_ratio / loraplus_unet_lr_ratio / loraplus_text_encoder_lr_ratio: LoRA+ lr multipliers
             for ``lora_up`` (None = off).
+        allow_partial_load: load a file of which some modules name no layer of the model (they are skipped);
+            by default such a file is refused, since it is usually for another base model.
     """
 
     rank: int = 4
@@ -71,6 +73,7 @@ class NetworkArgs:
     loraplus_lr_ratio: float | None = None
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
+    allow_partial_load: bool = False
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -189,6 +192,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "loraplus_unet_lr_ratio": _lr_ratio,
     "loraplus_text_encoder_lr_ratio": _lr_ratio,
     "enable_conv": parse_bool,
+    "allow_partial_load": parse_bool,
     # LyCORIS keys that GUIs emit with harmless values; anything else is refused with the reason.
     "bypass_mode": parse_bool,
     "use_scalar": _must_be_false("use_scalar is a LyCORIS-only option; leave it out"),

@@ -27,7 +27,7 @@ from . import functional as DF
 from .io import load_file
 from .keys import DORA_SCALE, DOWN, MID, UP, ModuleSpec
 from .keys import axis_from_metadata
-from .loading import match_file
+from .loading import check_coverage, match_file
 from .targets import Target, find_targets
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ def apply_dora_to_pipeline(
     strength: float = 1.0,
     *,
     backup_device: str | torch.device | None = "cpu",
+    allow_partial: bool = False,
 ) -> DoRAPatch:
     """Write a DoRA/LoRA file's merged weights into ``pipe.unet``, ``pipe.text_encoder`` and ``pipe.text_encoder_2``.
 
@@ -148,7 +149,8 @@ def apply_dora_to_pipeline(
         The patch; call ``set_strength`` to change s and ``remove`` to restore the originals exactly.
 
     Raises:
-        ValueError: no module of the file matches the pipeline, or a module does not fit its layer.
+        ValueError: no module of the file matches the pipeline, some do not (without ``allow_partial``), or a
+            module does not fit its layer.
         FileNotFoundError: the file does not exist.
     """
     metadata: dict[str, str] = {}
@@ -161,18 +163,11 @@ def apply_dora_to_pipeline(
     targets = find_targets(encoders, getattr(pipe, "unet", None), unet_scope="all", include_text_encoders=True,
                            with_conv_blocks=True, all_layers=True)
     found = match_file(state_dict, targets, axis_from_metadata(metadata))
-    if not found.specs:
-        raise ValueError(
-            f"none of the file's {len(found.unmatched)} modules matches this pipeline (file: {found.unmatched[:3]}; "
-            f"pipeline layers: {[t.lora_name for t in targets[:3]]}). Is it for another base model?"
-        )
+    check_coverage(found, targets, allow_partial, "allow_partial=True")
     patched = [t for t in targets if t.lora_name in found.specs]
     report = (f"dora_network: applying {len(patched)} of the file's {len(patched) + len(found.unmatched)} modules "
               f"({sum(s.dora for s in found.specs.values())} DoRA) at strength {strength}; ")
-    if found.unmatched:
-        logger.warning(report + "%d match no layer and are ignored, e.g. %s", len(found.unmatched), found.unmatched[:3])
-    else:
-        logger.info(report + "all matched")
+    logger.info(report + (f"{len(found.unmatched)} skipped" if found.unmatched else "all matched"))
     patch = DoRAPatch(patched, found.specs, found.state_dict, found.unmatched, backup_device)
     try:
         patch.set_strength(strength)

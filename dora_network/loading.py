@@ -21,7 +21,7 @@ from .unet_names import diffusers_to_sai, sai_to_diffusers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FileMatch", "match_file", "name_aliases", "nonfinite_modules"]
+__all__ = ["FileMatch", "check_coverage", "match_file", "name_aliases", "nonfinite_modules"]
 
 
 def nonfinite_modules(state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -59,6 +59,41 @@ def name_aliases(targets: Sequence[Target]) -> dict[str, str]:
             if other:
                 aliases.setdefault(f"{prefix}.{other}".replace(".", "_"), target.lora_name)
     return aliases
+
+
+def check_coverage(found: FileMatch, targets: Sequence[Target], allow_partial: bool, how_to_allow: str) -> None:
+    """Refuse a file of which some modules name no layer of the model, unless a partial load is allowed.
+
+    Such a file is usually for another base model (an SD1.5 or SD3 file on SDXL), and loading only its matching
+    part would silently give a different model. With ``allow_partial`` the unmatched modules are skipped, with a
+    warning naming a few.
+
+    Args:
+        found: the match of the file against ``targets``.
+        targets: every layer of the model the file may name.
+        allow_partial: the caller's opt-in.
+        how_to_allow: how the user opts in, quoted in the error (e.g. ``network_args "allow_partial_load=True"``).
+
+    Raises:
+        ValueError: nothing matches, or some modules do not and a partial load was not allowed.
+    """
+    model_names = [t.lora_name for t in targets[:3]]
+    total = len(found.specs) + len(found.unmatched)
+    if not found.specs:
+        raise ValueError(
+            f"none of the file's {total} modules matches this model (file: {found.unmatched[:3]}; model: "
+            f"{model_names}). Is it for another base model?"
+        )
+    if not found.unmatched:
+        return
+    summary = (f"{len(found.unmatched)} of the file's {total} modules match no layer of this model (file: "
+               f"{found.unmatched[:3]}; model: {model_names})")
+    if not allow_partial:
+        raise ValueError(
+            f"{summary}. The file is probably for another base model or architecture; refusing to load only part of "
+            f"it. To load the {len(found.specs)} modules that match and skip the rest, pass {how_to_allow}"
+        )
+    logger.warning("%s; skipped (partial load allowed)", summary)
 
 
 def _check_fits(name: str, spec: ModuleSpec, target: Target) -> None:

@@ -19,7 +19,7 @@ from . import merge
 from .args import PRESETS, NetworkArgs
 from .keys import ModuleSpec, axis_from_metadata
 from .layers import DoRAModule
-from .loading import FileMatch, match_file, nonfinite_modules
+from .loading import FileMatch, check_coverage, match_file, nonfinite_modules
 from .targets import Target, find_targets
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["DoRANetwork"]
 
 _VERSION_KEY = "dora_network.version"
+
+#: how a user of sd-scripts opts in to loading a file of which only part fits the model
+ALLOW_PARTIAL_HINT = '--network_args "allow_partial_load=True" (Python: allow_partial=True)'
 
 
 class DoRANetwork(nn.Module):
@@ -62,6 +65,10 @@ class DoRANetwork(nn.Module):
             with_conv_blocks=from_file or args.conv_dim is not None,
             all_layers=from_file,
         )
+        # every layer a file may name (any preset, conv blocks, text encoders): tells a file for another model
+        # from one that only adapts layers this network leaves alone
+        self.model_layers: list[Target] = find_targets(
+            text_encoders, unet, unet_scope="all", include_text_encoders=True, with_conv_blocks=True, all_layers=True)
         if from_file:
             self.targets = [t for t in self.targets if t.lora_name in file_specs]
         self.text_encoder_loras: list[DoRAModule] = []
@@ -116,16 +123,17 @@ class DoRANetwork(nn.Module):
 
     @staticmethod
     def match_targets(text_encoders: Sequence[nn.Module], unet: nn.Module | None,
-                      state_dict: dict[str, torch.Tensor], axis_hint: bool | None = None) -> FileMatch:
+                      state_dict: dict[str, torch.Tensor], axis_hint: bool | None = None,
+                      allow_partial: bool = False) -> FileMatch:
         """Match a file against every layer a file may adapt (conv blocks and text encoders included).
 
         Raises:
-            ValueError: no module of the file matches the model.
+            ValueError: no module of the file matches the model, or some do not and ``allow_partial`` is False.
         """
         targets = find_targets(text_encoders, unet, unet_scope="all", include_text_encoders=True,
                                with_conv_blocks=True, all_layers=True)
         found = match_file(state_dict, targets, axis_hint)
-        _check_matched(found, targets)
+        check_coverage(found, targets, allow_partial, ALLOW_PARTIAL_HINT)
         return found
 
     # -- sd-scripts contract: setup ----------------------------------------------------------------------------
@@ -239,26 +247,45 @@ class DoRANetwork(nn.Module):
         return self.prepare_optimizer_params_with_multiple_te_lrs(text_encoder_lr, unet_lr, default_lr)[0]
 
     # -- files -------------------------------------------------------------------------------------------------
-    def load_weights(self, file: str) -> Any:
+    def load_weights(self, file: str, *, allow_partial: bool | None = None) -> Any:
         """Load a file into this network (``--network_weights``); returns ``load_state_dict``'s result.
 
         The file's axis (read from ``dora_scale``'s shape) wins over this network's option, so an out-axis
-        LyCORIS file resumes as out-axis.
+        LyCORIS file resumes as out-axis. See :meth:`load_file_state` for partial files.
         """
         state_dict, metadata = dio.load_file(file)
-        return self.load_file_state(state_dict, axis_from_metadata(metadata))
+        return self.load_file_state(state_dict, axis_from_metadata(metadata), allow_partial=allow_partial)
 
-    def load_file_state(self, state_dict: dict[str, torch.Tensor], axis_hint: bool | None = None) -> Any:
-        """Load an in-memory file state dict (any accepted spelling) into this network."""
-        found = self.match_file(state_dict, axis_hint)
-        _check_matched(found, self.targets)
+    def load_file_state(self, state_dict: dict[str, torch.Tensor], axis_hint: bool | None = None, *,
+                        allow_partial: bool | None = None) -> Any:
+        """Load an in-memory file state dict (any accepted spelling) into this network.
+
+        Modules for layers of the model that this network does not adapt (e.g. text-encoder modules when
+        training with ``--network_train_unet_only``) are skipped with a warning, as sd-scripts' own networks do;
+        modules that name no layer of the model at all refuse the file unless ``allow_partial`` (default: the
+        ``allow_partial_load`` network arg).
+
+        Raises:
+            ValueError: the file does not fit the model (see loading.check_coverage) or this network's ranks.
+        """
+        allow = self.args.allow_partial_load if allow_partial is None else allow_partial
+        found = match_file(state_dict, self.model_layers, axis_hint)
+        check_coverage(found, self.model_layers, allow, ALLOW_PARTIAL_HINT)
         modules = dict(self.named_children())
+        elsewhere = sorted(name for name in found.specs if name not in modules)
+        if elsewhere:
+            logger.warning("%d of the file's modules are for layers this network does not adapt (e.g. %s: text "
+                           "encoders under --network_train_unet_only, or conv blocks without conv_dim); they are "
+                           "not loaded, and files this network saves will not have them", len(elsewhere), elsewhere[:3])
+        fresh = sorted(name for name in modules if name not in found.specs)
+        if fresh:
+            logger.info("%d of this network's adapters are not in the file and keep their initial values (e.g. %s)",
+                        len(fresh), fresh[:3])
         for name, spec in found.specs.items():
-            module = modules.get(name)
-            if module is None:
-                continue
-            module.conform(spec)
-        return self.load_state_dict(found.state_dict, strict=False)
+            if name in modules:
+                modules[name].conform(spec)
+        mine = {key: value for key, value in found.state_dict.items() if key.partition(".")[0] in modules}
+        return self.load_state_dict(mine, strict=False)
 
     def save_weights(self, file: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None,
                      *, allow_nonfinite: bool = False) -> None:
@@ -342,15 +369,3 @@ class DoRANetwork(nn.Module):
 
     def combined_weight_norms(self) -> torch.Tensor | None:
         return self._norm_cache.get("combined")
-
-
-def _check_matched(found: FileMatch, targets: Sequence[Target]) -> None:
-    """Warn about file modules with no layer here; refuse a file of which nothing matches."""
-    if not found.specs:
-        raise ValueError(
-            f"none of the file's {len(found.unmatched)} modules matches this model (file: {found.unmatched[:3]}; "
-            f"model: {[t.lora_name for t in targets[:3]]}). Is it for another base model?"
-        )
-    if found.unmatched:
-        logger.warning("%d of the file's modules match no layer here and are ignored, e.g. %s",
-                       len(found.unmatched), found.unmatched[:3])

@@ -194,10 +194,15 @@ def test_plain_lora_modules_strength_zero_and_warnings(tmp_path, caplog):
     mixed["lora_unet_not_a_layer.lora_up.weight"] = torch.zeros(8, 4)
     pipe = _pipe()
     originals = _snapshot(pipe)
-    with caplog.at_level(logging.WARNING, logger="dora_network"):
-        patch = apply_dora_to_pipeline(pipe, mixed, strength=0.7)
+    with pytest.raises(ValueError, match=r"1 of the file's \d+ modules match no layer of this model \(file: "
+                                         r"\['lora_unet_not_a_layer'\].*pass allow_partial=True"):
+        apply_dora_to_pipeline(pipe, mixed, strength=0.7)
+    assert all(torch.equal(v, originals[k]) for k, v in _snapshot(pipe).items())  # refused before any write
+    with caplog.at_level(logging.INFO, logger="dora_network"):
+        patch = apply_dora_to_pipeline(pipe, mixed, strength=0.7, allow_partial=True)
     assert f"applying {len(names)} of the file's {len(names) + 1} modules" in caplog.text
-    assert "1 match no layer" in caplog.text and patch.unmatched == ["lora_unet_not_a_layer"]
+    assert "1 of the file's" in caplog.text and "skipped (partial load allowed)" in caplog.text
+    assert patch.unmatched == ["lora_unet_not_a_layer"]
     _check_formula(pipe, {k: v for k, v in mixed.items() if "not_a_layer" not in k}, originals, 0.7)
     patch.set_strength(0.0)
     assert all(torch.equal(v, originals[k]) for k, v in _snapshot(pipe).items())
@@ -212,7 +217,7 @@ def test_nothing_matches_raises_and_leaves_pipeline_alone():
     pipe = _pipe()
     originals = _snapshot(pipe)
     foreign = {"lora_unet_foo.lora_down.weight": torch.zeros(4, 8), "lora_unet_foo.lora_up.weight": torch.zeros(8, 4)}
-    with pytest.raises(ValueError, match="none of the file's 1 modules matches this pipeline"):
+    with pytest.raises(ValueError, match="none of the file's 1 modules matches this model"):
         apply_dora_to_pipeline(pipe, foreign)
     assert all(torch.equal(v, originals[k]) for k, v in _snapshot(pipe).items())
 

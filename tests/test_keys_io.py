@@ -153,6 +153,69 @@ def test_missing_truncated_and_foreign_files(model, trained, tmp_path):
         create_network_from_weights(1.0, str(foreign), None, model.text_encoders, model.unet)
 
 
+def _with_stray_module(network, path: Path) -> Path:
+    """``network``'s file plus one module that names no layer of the tiny SDXL (as a file for another model has)."""
+    network.save_weights(str(path))
+    tensors = safetensors.torch.load_file(str(path))
+    tensors["lora_unet_single_transformer_blocks_0_attn_to_q.lora_down.weight"] = torch.zeros(4, 8)
+    tensors["lora_unet_single_transformer_blocks_0_attn_to_q.lora_up.weight"] = torch.zeros(8, 4)
+    safetensors.torch.save_file(tensors, str(path))
+    return path
+
+
+def _weights(network) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in network.state_dict().items()}
+
+
+def test_partly_matching_file_is_refused_unless_allowed(model, trained, tmp_path, caplog):
+    file = _with_stray_module(trained, tmp_path / "partial.safetensors")
+    total = len(trained.loras) + 1
+    fresh = create_network(1.0, 4, 2, None, model.text_encoders, model.unet, conv_dim="4", conv_alpha="2")
+    before = _weights(fresh)
+    message = (rf"1 of the file's {total} modules match no layer of this model \(file: "
+               r"\['lora_unet_single_transformer_blocks_0_attn_to_q'\]; model: \['lora_te1_.*\]\)\. The file is "
+               rf"probably for another base model .* To load the {total - 1} modules that match and skip the rest, "
+               r'pass --network_args "allow_partial_load=True"')
+    with pytest.raises(ValueError, match=message):
+        fresh.load_weights(str(file))
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())  # refused before any write
+    with pytest.raises(ValueError, match=message):
+        create_network_from_weights(1.0, str(file), None, model.text_encoders, model.unet)
+    # opting in: by network_args (what sd-scripts passes), or by the Python keyword
+    allowed = create_network(1.0, 4, 2, None, model.text_encoders, model.unet, conv_dim="4", conv_alpha="2",
+                             allow_partial_load="True")
+    with caplog.at_level(logging.WARNING, logger="dora_network"):
+        allowed.load_weights(str(file))
+    assert "skipped (partial load allowed)" in caplog.text
+    expected = _weights(trained)
+    assert all(torch.equal(v, expected[k]) for k, v in allowed.state_dict().items())
+    fresh.load_weights(str(file), allow_partial=True)
+    assert all(torch.equal(v, expected[k]) for k, v in fresh.state_dict().items())
+    built, _ = create_network_from_weights(1.0, str(file), None, model.text_encoders, model.unet,
+                                           allow_partial_load="True")
+    assert len(built.loras) == total - 1
+
+
+def test_unet_only_resume_skips_text_encoder_modules_with_a_warning(model, trained, tmp_path, caplog):
+    """sd-scripts' --network_train_unet_only with --network_weights from a full run: the file's text-encoder
+    modules name real layers this network does not adapt, so the file loads (as sd-scripts' lora.py does)."""
+    file = tmp_path / "full.safetensors"
+    trained.save_weights(str(file))
+    unet_only = create_network(1.0, 4, 2, None, model.text_encoders, model.unet, conv_dim="4", conv_alpha="2")
+    unet_only.apply_to(model.text_encoders, model.unet, apply_text_encoder=False, apply_unet=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dora_network"):
+            info = unet_only.load_weights(str(file))
+    finally:
+        unet_only.restore()
+    skipped = len(trained.text_encoder_loras)
+    assert f"{skipped} of the file's modules are for layers this network does not adapt" in caplog.text
+    assert not info.missing_keys and not info.unexpected_keys
+    expected = _weights(trained)
+    assert unet_only.state_dict().keys() == {k for k in expected if k.startswith("lora_unet_")}
+    assert all(torch.equal(v, expected[k]) for k, v in unet_only.state_dict().items())
+
+
 def test_wrong_shapes_name_module_and_cause(model, tmp_path):
     name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
     file = tmp_path / "sd15.safetensors"

@@ -103,7 +103,8 @@ def bundle(tmp_path_factory):
     _sai_spelling(files[1], model)
     reference = tiny.build_tiny_sdxl(seed=0)  # independent: sequential create_network_from_weights + merge_to
     for file, strength in zip(files, STRENGTHS):
-        network, _ = create_network_from_weights(strength, str(file), None, reference.text_encoders, reference.unet)
+        network, _ = create_network_from_weights(strength, str(file), None, reference.text_encoders, reference.unet,
+                                                 allow_partial_load="True")  # the second has a stray module
         network.merge_to(reference.text_encoders, reference.unet, None)
     return {"root": root, "files": files, "model": model, "reference": reference}
 
@@ -128,8 +129,11 @@ def test_merge_into_diffusers_folder_equals_sequential_merge_to(bundle):
     from diffusers import StableDiffusionXLPipeline
 
     root = bundle["root"]
+    with pytest.raises(ValueError, match=r"dora_out_sai_names.*1 of the file's \d+ modules match no layer.*--allow_partial"):
+        merge_checkpoint.merge_into_checkpoint(root / "base", list(zip(bundle["files"], STRENGTHS)), root / "merged")
+    assert not (root / "merged").exists()  # refused before anything was written
     report = merge_checkpoint.merge_into_checkpoint(root / "base", list(zip(bundle["files"], STRENGTHS)),
-                                                    root / "merged")
+                                                    root / "merged", allow_partial=True)
     assert report.layout == "diffusers"
     first, second = report.files
     assert (first.matched, first.unmatched, first.dora) == (first.matched, [], first.matched)
@@ -147,7 +151,7 @@ def test_merge_into_sai_single_file_updates_fused_in_proj_slices(bundle):
     root = bundle["root"]
     output = root / "merged.safetensors"
     report = merge_checkpoint.merge_into_checkpoint(root / "base.safetensors",
-                                                    list(zip(bundle["files"], STRENGTHS)), output)
+                                                    list(zip(bundle["files"], STRENGTHS)), output, allow_partial=True)
     assert report.layout == "single_file" and [f.unmatched for f in report.files] == [[], ["lora_unet_not_a_layer"]]
     merged, base = st_load(str(output)), st_load(str(root / "base.safetensors"))
     assert merged.keys() == base.keys()
@@ -176,7 +180,7 @@ def test_merge_save_dtype_overwrite_and_errors(bundle):
     stray = root / "stray.safetensors"
     st_save({"lora_unet_nothing.lora_down.weight": torch.zeros(1, 2), "lora_unet_nothing.lora_up.weight":
              torch.zeros(2, 1)}, str(stray))
-    with pytest.raises(ValueError, match="matches a layer of"):
+    with pytest.raises(ValueError, match="stray.safetensors.* none of the file.s 1 modules matches this model"):
         merge_checkpoint.merge_into_checkpoint(root / "base.safetensors", [(stray, 1.0)], root / "x.safetensors")
     assert not (root / "x.safetensors").exists() and not list(root.glob(".x.safetensors*"))
     with pytest.raises(FileNotFoundError, match="neither a diffusers folder nor a .safetensors file"):
@@ -201,7 +205,8 @@ def test_merge_peak_memory_is_about_one_tensor(bundle, tmp_path):
         "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field + ':'))\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "before = kb('VmRSS')\n"
-        "merge_into_checkpoint(sys.argv[1], [(sys.argv[3], 1.0), (sys.argv[4], 0.5)], sys.argv[2])\n"
+        "merge_into_checkpoint(sys.argv[1], [(sys.argv[3], 1.0), (sys.argv[4], 0.5)], sys.argv[2],\n"
+        "                      allow_partial=True)\n"
         "print(json.dumps({'before_kb': before, 'peak_kb': kb('VmHWM')}))\n")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "padded.safetensors"),
                            str(tmp_path / "out.safetensors"), *map(str, bundle["files"])],

@@ -147,7 +147,9 @@ def analyze_files(model: Any, files: Sequence[str | os.PathLike], labels: Sequen
         raise ValueError(f"{len(labels)} labels for {len(files)} files; give one label per file")
     report = AnalysisReport(axis)
     for file, label in zip(files, labels):
-        network, _ = create_network_from_weights(1.0, file, None, text_encoders, unet, for_inference=True)
+        # a report, not a load: analyse the modules that match and warn about the rest
+        network, _ = create_network_from_weights(1.0, file, None, text_encoders, unet, for_inference=True,
+                                                 allow_partial_load="True")
         result = FileAnalysis(str(file), label)
         targets = {t.lora_name: t for t in network.targets}
         for module in network.loras:

@@ -39,7 +39,7 @@ from torch import nn
 from ..io import load_file
 from ..keys import ModuleSpec
 from ..layers import DoRAModule
-from ..loading import match_file
+from ..loading import check_coverage, match_file
 from ..targets import Target
 from .checkpoint_layout import SAI_UNET, Site, scan_targets, stand_in
 from .cli import PRECISIONS, make_parser, parse_args, progress_bar
@@ -131,7 +131,8 @@ def _merge_sites(tensor: torch.Tensor, jobs: list[tuple[str, Site]], plan: Plan)
 
 def merge_into_checkpoint(base: str | os.PathLike, files_with_strengths: Sequence[tuple[str | os.PathLike, float]],
                           output: str | os.PathLike, save_dtype: torch.dtype | None = None, *,
-                          overwrite: bool = False, progress: bool = False) -> MergeReport:
+                          overwrite: bool = False, progress: bool = False, allow_partial: bool = False
+                          ) -> MergeReport:
     """Bake DoRA/LoRA files into an SDXL checkpoint, writing a new one.
 
     Args:
@@ -142,13 +143,16 @@ def merge_into_checkpoint(base: str | os.PathLike, files_with_strengths: Sequenc
         save_dtype: cast every floating tensor of the rewritten files to it; None keeps each tensor's dtype.
         overwrite: replace an existing ``output``.
         progress: show a tqdm bar over tensors.
+        allow_partial: merge a file of which some modules name no layer of the checkpoint (they are skipped);
+            by default such a file is refused before anything is written.
 
     Returns:
         A :class:`MergeReport` with per-file matched/unmatched module counts.
 
     Raises:
         FileNotFoundError: base or a file missing. FileExistsError: ``output`` exists and not ``overwrite``.
-        ValueError: a file matches none of the checkpoint's layers, or a module's shapes do not fit.
+        ValueError: a file matches none of the checkpoint's layers (or only some, without ``allow_partial``), or a
+            module's shapes do not fit.
     """
     begin = time.perf_counter()
     base, output = Path(base), Path(output)
@@ -168,9 +172,10 @@ def merge_into_checkpoint(base: str | os.PathLike, files_with_strengths: Sequenc
     for file, strength in files_with_strengths:
         state_dict, _ = load_file(file)
         found = match_file(state_dict, targets)
-        if not found.specs:
-            raise ValueError(f"none of the {len(found.unmatched)} modules of '{file}' matches a layer of '{base}' "
-                             f"(e.g. {found.unmatched[:3]}); is it for another base model?")
+        try:
+            check_coverage(found, targets, allow_partial, "allow_partial=True (--allow_partial)")
+        except ValueError as error:
+            raise ValueError(f"'{file}' on '{base}': {error}") from None
         for name, spec in found.specs.items():
             tensors = {k.partition(".")[2]: v for k, v in found.state_dict.items() if k.partition(".")[0] == name}
             plan.setdefault(name, []).append((float(strength), spec, tensors))
@@ -229,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_precision", choices=["float", "fp16", "bf16", "none"], default="none",
                         help="cast floating tensors of the rewritten files; none keeps the base's dtypes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --save_to")
+    parser.add_argument("--allow_partial", action="store_true",
+                        help="merge files of which some modules name no layer of the base (skipped); default: refuse")
     return parser
 
 
@@ -239,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(ratios) != len(args.models):
         build_parser().error(f"--ratios has {len(ratios)} values for {len(args.models)} --models; give one each")
     report = merge_into_checkpoint(args.sd_model, list(zip(args.models, ratios)), args.save_to,
-                                   SAVE_PRECISIONS.get(args.save_precision), overwrite=args.overwrite, progress=True)
+                                   SAVE_PRECISIONS.get(args.save_precision), overwrite=args.overwrite, progress=True,
+                                   allow_partial=args.allow_partial)
     for item in report.files:
         print(f"{item.path} x {item.strength:g}: {item.matched} modules merged ({item.dora} DoRA), "
               f"{len(item.unmatched)} unmatched{' e.g. ' + ', '.join(item.unmatched[:3]) if item.unmatched else ''}")
