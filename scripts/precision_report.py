@@ -75,7 +75,7 @@ def small_update_case(ratio: float, seed: int = 0) -> dict:
     with torch.no_grad():
         module.lora_up.weight.copy_(up)
         module.lora_down.weight.copy_(down)
-    ref = reference_weight(w0.float(), up, down, module.dora_scale, 1.0, True) - w0.double()
+    ref = reference_weight(w0.float(), up, down, module.dora_scale.detach(), 1.0, True) - w0.double()
     ours = module.merged_weight().double() - w0.double()
     return {"ratio": ratio, "delta_rel_err": float((ours - ref).norm() / ref.norm())}
 
