@@ -19,7 +19,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,9 +28,9 @@ import torch
 from .smoke_config import SAVE_DTYPES, SmokeSettings, load_settings
 from .smoke_data import Example, load_image_folder, synthetic_examples
 from .smoke_model import Probe, build_model, make_probe, predict_noise, probe_output, text_conditioning
-from .smoke_report import (key_counts, moving_average, plot_loss, state_digest, training_metadata,
-                           write_json)
-from .smoke_state import ResumeError, load_state, save_state, state_path, step_file_name
+from .smoke_report import build_summary, moving_average, plot_loss, state_digest, training_metadata, write_json
+from .smoke_state import (EpochShuffle, ResumeError, TrainingDiverged, diverged, load_state, save_state,
+                          step_file_name, step_seed, weights_finite)
 
 logger = logging.getLogger(__name__)
 
@@ -102,51 +102,6 @@ class _LatentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         return self.latents[index], self.captions[index]
-
-
-class _EpochShuffle(torch.utils.data.Sampler[int]):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same batches in the same order.
-
-    Set ``epoch`` before iterating. (Not ``set_epoch``: accelerate would call that with its own counter.)
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, int(seed), 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self):  # type: ignore[override]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    """The global torch seed of one step on one process: noise, timesteps and dropout depend on nothing else."""
-    return ((int(seed) * 1_000_003 + step) * 1024 + rank) % (2**63)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or an adapter weight became NaN/Inf; the message names the step and the last good save."""
-
-
-def _diverged(what: str, step: int, last_good: Path | None, settings: SmokeSettings) -> TrainingDiverged:
-    if last_good is not None:
-        kept = (f"The last good save is {last_good} (its resume state beside it); nothing newer was written. "
-                f"Continue from it with --resume {state_path(last_good)} and a lower --learning_rate "
-                f"(now {settings.learning_rate:g})")
-    else:
-        periodic = "" if settings.save_every_n_steps else " and --save_every_n_steps N to keep good checkpoints"
-        kept = (f"Nothing was saved before step {step}; restart with a lower --learning_rate (now "
-                f"{settings.learning_rate:g}){periodic}")
-    clip = "" if settings.max_grad_norm else " or turn on --max_grad_norm 1.0"
-    return TrainingDiverged(f"training diverged at step {step}: {what}. {kept}{clip}")
-
-
-def _weights_finite(params: Sequence[torch.Tensor]) -> bool:
-    """One fused norm over every trainable tensor: a NaN or Inf anywhere makes it non-finite."""
-    norms = torch._foreach_norm([p.detach() for p in params])
-    return bool(torch.stack([n.float() for n in norms]).isfinite().all())
 
 
 def _has_accelerator() -> bool:
@@ -226,7 +181,7 @@ def _train(settings: SmokeSettings, accelerator: Any) -> TrainResult:
             group["lr"] = fresh.get("lr", settings.learning_rate)  # this run's rates win (e.g. lowered)
     logger.info("optimizer groups: %s", ", ".join(f"{d} ({g.get('lr')})" for d, g in zip(descriptions, params)))
 
-    sampler = _EpochShuffle(len(captions), settings.seed)
+    sampler = EpochShuffle(len(captions), settings.seed)
     dataloader = torch.utils.data.DataLoader(
         _LatentDataset(latents, captions), batch_size=settings.train_batch_size, sampler=sampler, num_workers=0)
     network, optimizer, dataloader = accelerator.prepare(network, optimizer, dataloader)
@@ -271,7 +226,7 @@ def _train(settings: SmokeSettings, accelerator: Any) -> TrainResult:
                     continue  # done before the resume: same batches, skipped
                 if step > settings.max_train_steps:
                     break
-                torch.manual_seed(_step_seed(settings.seed, step, accelerator.process_index))
+                torch.manual_seed(step_seed(settings.seed, step, accelerator.process_index))
                 net.on_step_start(text_encoders, unet)
                 loss = _noise_prediction_loss(settings, model, accelerator, batch_latents.to(device),
                                               batch_captions, train_text_encoder)
@@ -280,7 +235,7 @@ def _train(settings: SmokeSettings, accelerator: Any) -> TrainResult:
                 # checked before backward, on the loss every process agrees on, so the weights are never touched
                 step_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
                 if not math.isfinite(step_loss):
-                    raise _diverged(f"the loss is {step_loss}", step, last_good, settings)
+                    raise diverged(f"the loss is {step_loss}", step, last_good, settings)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if accelerator.num_processes > 1:
@@ -292,8 +247,8 @@ def _train(settings: SmokeSettings, accelerator: Any) -> TrainResult:
                 if fault_kind == "nan_weight" and step == int(fault_step):
                     with torch.no_grad():
                         trainable[0].view(-1)[0] = float("nan")
-                if not _weights_finite(trainable):
-                    raise _diverged("an adapter weight became NaN/Inf in the optimizer step", step, last_good, settings)
+                if not weights_finite(trainable):
+                    raise diverged("an adapter weight became NaN/Inf in the optimizer step", step, last_good, settings)
                 losses.append(step_loss)
                 average = moving_average(losses[-settings.loss_window:], settings.loss_window)[-1]
                 progress.update(1)
@@ -359,44 +314,6 @@ def _save_dtype(settings: SmokeSettings) -> torch.dtype | None:
     return getattr(torch, name) if name else None
 
 
-def _report(settings: SmokeSettings, result: TrainResult, checks: list[Any], total_seconds: float) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    with safe_open(str(result.file), framework="pt") as handle:
-        keys = list(handle.keys())
-        metadata = handle.metadata() or {}
-    window = max(1, min(settings.loss_window, len(result.losses) // 2 or 1))
-    averages = moving_average(result.losses, window)
-    steps = len(result.losses)
-    return {
-        "settings": asdict(settings),
-        "network_kwargs": settings.network_kwargs(),
-        "steps": steps,
-        "epochs": result.epochs,
-        "num_images": result.num_images,
-        "train_seconds": round(result.seconds, 3),
-        "total_seconds": round(total_seconds, 3),
-        "resumed_from_step": result.resumed_from,
-        "it_per_s": round((steps - result.resumed_from) / result.seconds, 3) if result.seconds else None,
-        "loss_window": window,
-        "first_moving_average_loss": sum(result.losses[:window]) / window,
-        "last_moving_average_loss": averages[-1],
-        "checks": {check.name: check.as_dict() for check in checks},
-        "passed": not any(check.failed for check in checks),
-        "file": str(result.file.resolve()),
-        "file_bytes": result.file.stat().st_size,
-        "key_counts": key_counts(keys),
-        "adapters": result.modules,
-        "weights_sha256": result.digest,
-        "metadata": {key: metadata[key] for key in sorted(metadata)
-                     if key.startswith(("ss_network", "ss_base_model", "modelspec.architecture"))},
-        "device": str(result.device),
-        "num_processes": result.num_processes,
-        "torch_threads": torch.get_num_threads(),
-        "losses": [round(value, 6) for value in result.losses],
-    }
-
-
 def setup_logging() -> None:
     """Root logging for the script at INFO: rich if importable, plain otherwise; existing handlers are kept."""
     from .tools.cli import install_root_handler
@@ -451,7 +368,7 @@ def _run(settings: SmokeSettings) -> int:
                         _save_dtype(settings), result.modules)
     plot_loss(result.losses, max(1, min(settings.loss_window, len(result.losses))), output_dir / "loss.png",
               f"{settings.output_name}: {settings.algo}, dim {settings.network_dim}, lr {settings.learning_rate:g}")
-    summary = _report(settings, result, checks, time.perf_counter() - begin)
+    summary = build_summary(settings, result, checks, time.perf_counter() - begin)
     write_json(output_dir / "summary.json", summary)
     steps = summary["steps"]
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""

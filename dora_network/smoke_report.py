@@ -21,7 +21,7 @@ from .smoke_config import SmokeSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["key_counts", "moving_average", "plot_loss", "state_digest", "training_metadata", "write_json"]
+__all__ = ["build_summary", "key_counts", "moving_average", "plot_loss", "state_digest", "training_metadata", "write_json"]
 
 BASE_MODEL_VERSION = "sdxl_base_v1-0"
 ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
@@ -162,3 +162,51 @@ def state_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write ``data`` as indented JSON."""
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def build_summary(settings: SmokeSettings, result: Any, checks: Sequence[Any], total_seconds: float) -> dict[str, Any]:
+    """``summary.json``: the settings, the loss, every check with its numbers, the file's keys and metadata.
+
+    Args:
+        settings: the run's settings.
+        result: the trainer's ``TrainResult``.
+        checks: the self-checks' ``CheckResult`` s.
+        total_seconds: wall time of the whole command.
+    """
+    from dataclasses import asdict
+
+    from safetensors import safe_open
+
+    with safe_open(str(result.file), framework="pt") as handle:
+        keys = list(handle.keys())
+        metadata = handle.metadata() or {}
+    window = max(1, min(settings.loss_window, len(result.losses) // 2 or 1))
+    averages = moving_average(result.losses, window)
+    steps = len(result.losses)
+    return {
+        "settings": asdict(settings),
+        "network_kwargs": settings.network_kwargs(),
+        "steps": steps,
+        "epochs": result.epochs,
+        "num_images": result.num_images,
+        "train_seconds": round(result.seconds, 3),
+        "total_seconds": round(total_seconds, 3),
+        "resumed_from_step": result.resumed_from,
+        "it_per_s": round((steps - result.resumed_from) / result.seconds, 3) if result.seconds else None,
+        "loss_window": window,
+        "first_moving_average_loss": sum(result.losses[:window]) / window,
+        "last_moving_average_loss": averages[-1],
+        "checks": {check.name: check.as_dict() for check in checks},
+        "passed": not any(check.failed for check in checks),
+        "file": str(result.file.resolve()),
+        "file_bytes": result.file.stat().st_size,
+        "key_counts": key_counts(keys),
+        "adapters": result.modules,
+        "weights_sha256": result.digest,
+        "metadata": {key: metadata[key] for key in sorted(metadata)
+                     if key.startswith(("ss_network", "ss_base_model", "modelspec.architecture"))},
+        "device": str(result.device),
+        "num_processes": result.num_processes,
+        "torch_threads": torch.get_num_threads(),
+        "losses": [round(value, 6) for value in result.losses],
+    }

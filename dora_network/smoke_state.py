@@ -1,4 +1,7 @@
-"""The smoke train's resume state: everything a run needs to continue bit for bit, in one safetensors file.
+"""The smoke train's faults and resumes: the resume state file, the per-step seeding that makes a resumed run a
+replay, and the divergence guard.
+
+The resume state holds everything a run needs to continue bit for bit, in one safetensors file.
 
 A periodic save (``--save_every_n_steps``) writes the network file ``<name>-step00000060.safetensors`` (what a
 user loads in a UI) and beside it ``<name>-step00000060-state.safetensors``: the adapters in float32 whatever
@@ -15,7 +18,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -24,7 +27,8 @@ from .smoke_config import SmokeSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MUST_MATCH", "RATES", "ResumeError", "ResumeState", "load_state", "save_state", "state_path", "step_file_name"]
+__all__ = ["MUST_MATCH", "RATES", "EpochShuffle", "ResumeError", "ResumeState", "TrainingDiverged", "diverged",
+           "load_state", "save_state", "state_path", "step_file_name", "step_seed", "weights_finite"]
 
 _FORMAT = "dora_network.smoke_state/1"
 _NET, _OPT = "network.", "optimizer."
@@ -169,3 +173,50 @@ def load_state(path: str | Path) -> ResumeState:
         num_processes=int(metadata["num_processes"]),
         path=source,
     )
+
+
+# -- determinism and divergence: what makes a resumed run a replay, and what stops a diverging one ----------
+
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same batches in the same order.
+
+    Set ``epoch`` before iterating. (Not ``set_epoch``: accelerate would call that with its own counter.)
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, int(seed), 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):  # type: ignore[override]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The global torch seed of one step on one process: noise, timesteps and dropout depend on nothing else."""
+    return ((int(seed) * 1_000_003 + step) * 1024 + rank) % (2**63)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or an adapter weight became NaN/Inf; the message names the step and the last good save."""
+
+
+def diverged(what: str, step: int, last_good: Path | None, settings: SmokeSettings) -> TrainingDiverged:
+    if last_good is not None:
+        kept = (f"The last good save is {last_good} (its resume state beside it); nothing newer was written. "
+                f"Continue from it with --resume {state_path(last_good)} and a lower --learning_rate "
+                f"(now {settings.learning_rate:g})")
+    else:
+        periodic = "" if settings.save_every_n_steps else " and --save_every_n_steps N to keep good checkpoints"
+        kept = (f"Nothing was saved before step {step}; restart with a lower --learning_rate (now "
+                f"{settings.learning_rate:g}){periodic}")
+    clip = "" if settings.max_grad_norm else " or turn on --max_grad_norm 1.0"
+    return TrainingDiverged(f"training diverged at step {step}: {what}. {kept}{clip}")
+
+
+def weights_finite(params: Sequence[torch.Tensor]) -> bool:
+    """One fused norm over every trainable tensor: a NaN or Inf anywhere makes it non-finite."""
+    norms = torch._foreach_norm([p.detach() for p in params])
+    return bool(torch.stack([n.float() for n in norms]).isfinite().all())
