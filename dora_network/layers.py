@@ -133,14 +133,22 @@ class DoRAModule(nn.Module):
         self.org_forward: Callable[..., torch.Tensor] | None = None
         self._norm_memo: tuple[tuple, torch.Tensor] | None = None  # (inputs' identity, detached norm)
         self._base_sq_memo: tuple[tuple, torch.Tensor] | None = None  # (W0's identity, ||W0||^2 along the axis)
+        self._scale_memo: tuple[tuple, float] | None = None  # (alpha's identity, alpha / rank)
         self._had_instance_forward = False
         self.precalculated = False  # True while the blended weight is baked into the base (network_pre_calc)
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
     @property
     def scale(self) -> float:
-        """s = alpha / rank, read from the buffer so a loaded alpha takes effect."""
-        return float(self.alpha) / self.rank
+        """s = alpha / rank, read from the buffer so a loaded alpha takes effect.
+
+        Memoised on the buffer's identity (storage, version counter, dtype, device), which every write, load or
+        move changes: reading a GPU buffer with ``float()`` would stall the host on every forward of every layer.
+        """
+        key = self._identity(self.alpha)
+        if self._scale_memo is None or self._scale_memo[0] != key:
+            self._scale_memo = (key, float(self.alpha) / self.rank)
+        return self._scale_memo[1]
 
     @property
     def base_weight(self) -> torch.Tensor:

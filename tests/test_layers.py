@@ -223,3 +223,22 @@ def test_norm_follows_writes_that_bypass_version_counters():
     adapter.lora_up.weight.data.add_(0.5)  # .data writes are invisible to the version counter
     expected = run_with_weight(base, x, explicit_weight(base, adapter, 1.0))
     torch.testing.assert_close(base(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_scale_follows_every_change_of_the_alpha_buffer():
+    """s = alpha / r is memoised (a GPU float() would stall every forward); any write, load, cast or move shows."""
+    base, adapter = make_adapter("linear", False)
+    assert adapter.scale == float(adapter.alpha) / adapter.rank
+    adapter.alpha.fill_(3.0)  # in place (DoRAModule.conform)
+    assert adapter.scale == 3.0 / adapter.rank
+    state = adapter.state_dict()
+    state["alpha"] = torch.tensor(5.0)
+    adapter.load_state_dict(state)  # copy_ into the buffer (sd-scripts' load_state_dict path)
+    assert adapter.scale == 5.0 / adapter.rank
+    adapter.alpha = torch.tensor(7.0)  # replaced outright (as Module.to/_apply does)
+    assert adapter.scale == 7.0 / adapter.rank
+    x = make_input("linear")
+    with torch.no_grad():
+        adapter.alpha.fill_(1.0)
+        expected = run_with_weight(base, x, adapter.merged_weight())
+    torch.testing.assert_close(base(x), expected, rtol=1e-10, atol=1e-10)
