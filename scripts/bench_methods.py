@@ -270,21 +270,41 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
                 rows[key].append(value)
     return {**{k: statistics.median(v) for k, v in rows.items()}, "saved_mb": saved_mb, "peak_rss_mb": peak_rss_mb(),
             "trainable": sum(p.numel() for p in applied.params), "n_layers": len(applied.layers),
-            "layers_hash": layer_hash(applied.layers), "loss": loss}
+            "layers_hash": layer_hash(applied.layers), "loss": loss, "norm_ms": _step_norm_ms(applied)}
+
+
+def _ours_dora_modules(applied: Applied) -> list[Any]:
+    """Ours' DoRA adapters on the UNet; empty for other methods."""
+    net = applied.network
+    if not type(net).__module__.startswith("dora_network"):
+        return []
+    return [m for m in net.unet_loras if m.dora]
 
 
 def _norm_call(applied: Applied) -> Callable[[], Any] | None:
     """What ours' DoRA forward computes for its scales (norm, then c), for one adapter; None for other methods."""
-    net = applied.network
-    if not type(net).__module__.startswith("dora_network"):
-        return None
-    mods = [m for m in net.unet_loras if m.dora]
+    mods = _ours_dora_modules(applied)
     if not mods:
         return None
     from dora_network import functional as DF
 
     m = mods[0]
     return lambda: DF.activation_scales(m.adapted_norm(), m.dora_scale, m.multiplier)
+
+
+def _step_norm_ms(applied: Applied) -> float | None:
+    """CPU ms to compute every adapter's norm once, as one training step does (outside backward: no memo)."""
+    mods = _ours_dora_modules(applied)
+    if not mods:
+        return None
+
+    def norms() -> None:
+        with torch.no_grad():
+            for m in mods:
+                m.adapted_norm()
+
+    norms()
+    return statistics.median(timed(norms)[0] for _ in range(3))
 
 
 def measure_micro(spec: dict[str, Any]) -> dict[str, Any]:

@@ -283,17 +283,25 @@ def _table(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(cells) + " |" for cells in lines])
 
 
+def _norm_share(row: dict[str, Any]) -> str:
+    """Ours' DoRA: every adapter's norm once, in ms and as a share of the step (the r/T claim, per step)."""
+    if row.get("norm_ms") is None or not row.get("cpu_ms"):
+        return "-"
+    return f"{row['norm_ms']:.0f} ({100 * row['norm_ms'] / row['cpu_ms']:.1f}%)"
+
+
 def render(section: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     ratio = "{:.2f}"
     if section == "step":
         head = ["latent", "rank", "GC", "method", "layers", "trainable", "cpu ms/step", "fwd / bwd / opt ms",
-                "x ours_lora", "x none", "spread", "peak RSS MB", "RSS - none", "saved MB", "saved - none"]
+                "x ours_lora", "x none", "spread", "peak RSS MB", "RSS - none", "saved MB", "saved - none",
+                "norm ms (share)"]
         lines = [[f"{r['latent']}x{r['latent']}", str(r["rank"]), "on" if r["gc"] else "off", _method(r),
                   _f(r.get("n_layers")), _f(r.get("trainable"), "{:,.0f}"), _f(r["cpu_ms"]),
                   f"{_f(r.get('fwd_ms'))} / {_f(r.get('bwd_ms'))} / {_f(r.get('opt_ms'))}",
                   _f(r.get("x_ours_lora"), ratio), _f(r.get("x_none"), ratio), _f(r.get("spread_pct"), "{:.0f}%"),
                   _f(r.get("peak_rss_mb")), _f(r.get("peak_rss_mb_vs_none"), "{:+.0f}"), _f(r.get("saved_mb")),
-                  _f(r.get("saved_mb_vs_none"), "{:+.0f}")]
+                  _f(r.get("saved_mb_vs_none"), "{:+.0f}"), _norm_share(r)]
                  for r in rows]
         return _table(head, lines)
     if section == "micro":
