@@ -32,6 +32,12 @@ _VERSION_KEY = "dora_network.version"
 ALLOW_PARTIAL_HINT = '--network_args "allow_partial_load=True" (Python: allow_partial=True)'
 
 
+def _every_layer(text_encoders: Sequence[nn.Module], unet: nn.Module | None) -> list[Target]:
+    """Every layer a file may adapt: any preset, conv blocks and text encoders included."""
+    return find_targets(text_encoders, unet, unet_scope="all", include_text_encoders=True, with_conv_blocks=True,
+                        all_layers=True)
+
+
 class DoRANetwork(nn.Module):
     """A set of DoRA/LoRA adapters over a UNet and 0-2 text encoders.
 
@@ -67,8 +73,7 @@ class DoRANetwork(nn.Module):
         )
         # every layer a file may name (any preset, conv blocks, text encoders): tells a file for another model
         # from one that only adapts layers this network leaves alone
-        self.model_layers: list[Target] = find_targets(
-            text_encoders, unet, unet_scope="all", include_text_encoders=True, with_conv_blocks=True, all_layers=True)
+        self.model_layers: list[Target] = _every_layer(text_encoders, unet)
         if from_file:
             self.targets = [t for t in self.targets if t.lora_name in file_specs]
         self.text_encoder_loras: list[DoRAModule] = []
@@ -117,10 +122,6 @@ class DoRANetwork(nn.Module):
     def loras(self) -> list[DoRAModule]:
         return self.text_encoder_loras + self.unet_loras
 
-    def match_file(self, state_dict: dict[str, torch.Tensor], axis_hint: bool | None = None) -> FileMatch:
-        """Resolve a file's names/shapes against this network's layers (see loading.match_file)."""
-        return match_file(state_dict, self.targets, axis_hint)
-
     @staticmethod
     def match_targets(text_encoders: Sequence[nn.Module], unet: nn.Module | None,
                       state_dict: dict[str, torch.Tensor], axis_hint: bool | None = None,
@@ -130,8 +131,7 @@ class DoRANetwork(nn.Module):
         Raises:
             ValueError: no module of the file matches the model, or some do not and ``allow_partial`` is False.
         """
-        targets = find_targets(text_encoders, unet, unet_scope="all", include_text_encoders=True,
-                               with_conv_blocks=True, all_layers=True)
+        targets = _every_layer(text_encoders, unet)
         found = match_file(state_dict, targets, axis_hint)
         check_coverage(found, targets, allow_partial, ALLOW_PARTIAL_HINT)
         return found
