@@ -102,7 +102,8 @@ def infer_spec(name: str, tensors: dict[str, torch.Tensor]) -> ModuleSpec:
         raise ValueError(f"module '{name}': alpha is {alpha}; it must be positive (0 means alpha = rank)")
     alpha = alpha or float(rank)  # kohya: a missing or zero alpha means alpha = rank
     scale = tensors.get(DORA_SCALE)
-    wd_on_out = None if scale is None else _axis_from_shape(name, tuple(scale.shape), out_dim, in_dim)
+    ndim = 2 if kernel is None else 4
+    wd_on_out = None if scale is None else _axis_from_shape(name, tuple(scale.shape), out_dim, in_dim, ndim)
     return ModuleSpec(rank, alpha, scale is not None, wd_on_out, mid is not None, kernel, in_dim, out_dim)
 
 
@@ -123,8 +124,12 @@ def _check_pair(name: str, down: torch.Tensor, up: torch.Tensor, mid: torch.Tens
         )
 
 
-def _axis_from_shape(name: str, shape: tuple[int, ...], out_dim: int, in_dim: int) -> bool | None:
-    """True for per-output-row magnitudes, False for per-input-column, from ``dora_scale``'s shape."""
+def _axis_from_shape(name: str, shape: tuple[int, ...], out_dim: int, in_dim: int, ndim: int) -> bool | None:
+    """True for per-output-row magnitudes, False for per-input-column, from ``dora_scale``'s shape.
+
+    A multi-dimensional ``dora_scale`` must have the layer's own rank (2 for Linear, 4 for Conv2d), as LyCORIS
+    writes it; only 1-D ones are reshaped (loading.match_file).
+    """
     if len(shape) == 1:
         if shape[0] == out_dim and out_dim != in_dim:
             return True
@@ -132,14 +137,15 @@ def _axis_from_shape(name: str, shape: tuple[int, ...], out_dim: int, in_dim: in
             return False
         if shape[0] == out_dim:  # square layer: undecidable from the shape; loading.match_file resolves it
             return None
-    elif len(shape) >= 2:
+    elif len(shape) == ndim:
         if shape[0] == out_dim and all(s == 1 for s in shape[1:]) and not (shape[0] == 1 and shape[1] == in_dim):
             return True
         if shape[0] == 1 and shape[1] == in_dim and all(s == 1 for s in shape[2:]):
             return False
+    ones = ", 1" * (ndim - 2)
     raise ValueError(
-        f"module '{name}': dora_scale has shape {shape}, which fits neither (out, 1, ...) = ({out_dim}, 1, ...) "
-        f"nor (1, in, ...) = (1, {in_dim}, ...); the file does not belong to this layer"
+        f"module '{name}': dora_scale has shape {shape}, which fits neither (out, 1{ones}) = ({out_dim}, 1{ones}) "
+        f"nor (1, in{ones}) = (1, {in_dim}{ones}); the file does not belong to this layer"
     )
 
 

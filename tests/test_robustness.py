@@ -8,7 +8,7 @@ import math
 import pytest
 import safetensors.torch
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -104,6 +104,7 @@ def _mutations():
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutations=_mutations(), drop=st.lists(st.integers(0, 11), max_size=3))
+@example(mutations=[("lora_unet_block_conv", "dora_scale", (1, 4), 0.0)], drop=[])  # a bug it found once
 def test_fuzz_loader_only_clear_errors(mutations, drop):
     unet = TwoLayer().requires_grad_(False)
     network = create_network(1.0, 2, 1, None, None, unet, conv_dim="2")
@@ -121,6 +122,21 @@ def test_fuzz_loader_only_clear_errors(mutations, drop):
     out = unet.block.proj_in(torch.randn(2, 6))
     assert out.shape == (2, 5)
     fresh.restore()
+
+
+@pytest.mark.parametrize("name, shape, expected", [
+    # found by the fuzzer: a 2-D magnitude on a 3x3 conv used to pass the shape check and fail in load_state_dict
+    ("lora_unet_block_conv", (1, 4), r"\(1, 4\), which fits neither \(out, 1, 1, 1\) = \(4, 1, 1, 1\) nor "
+                                     r"\(1, in, 1, 1\) = \(1, 4, 1, 1\)"),
+    ("lora_unet_block_proj_in", (1, 6, 1, 1), r"\(1, 6, 1, 1\), which fits neither \(out, 1\) = \(5, 1\) nor "
+                                              r"\(1, in\) = \(1, 6\)"),
+])
+def test_dora_scale_of_another_rank_is_a_clear_error(name, shape, expected):
+    unet = TwoLayer().requires_grad_(False)
+    sd = dict(create_network(1.0, 2, 1, None, None, unet, conv_dim="2").state_dict())
+    sd[f"{name}.dora_scale"] = torch.ones(shape)
+    with pytest.raises(ValueError, match=rf"module '{name}': dora_scale has shape {expected}"):
+        create_network_from_weights(1.0, None, None, None, unet, weights_sd=sd)
 
 
 def test_targets_helper_accepts_minimal_model():
