@@ -30,7 +30,7 @@ def train_steps(network, model, steps: int, *, accumulate: int = 1, seed: int = 
             network.on_step_start(model.text_encoders, model.unet)
             loss = loss_of(model, batch(seed + step * accumulate + micro)) / accumulate
             loss.backward()
-            losses.append(float(loss) * accumulate)
+            losses.append(float(loss.detach()) * accumulate)
         torch.nn.utils.clip_grad_norm_(network.get_trainable_params(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
