@@ -28,7 +28,7 @@ from .io import load_file
 from .keys import DORA_SCALE, DOWN, MID, UP, ModuleSpec
 from .keys import axis_from_metadata
 from .loading import check_coverage, match_file
-from .targets import Target, find_targets
+from .targets import Target, every_layer
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +160,7 @@ def apply_dora_to_pipeline(
         state_dict, metadata = load_file(file_or_state_dict)
     encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
     encoders = [te for te in encoders if te is not None]
-    targets = find_targets(encoders, getattr(pipe, "unet", None), unet_scope="all", include_text_encoders=True,
-                           with_conv_blocks=True, all_layers=True)
+    targets = every_layer(encoders, getattr(pipe, "unet", None))
     found = match_file(state_dict, targets, axis_from_metadata(metadata))
     check_coverage(found, targets, allow_partial, "allow_partial=True")
     patched = [t for t in targets if t.lora_name in found.specs]

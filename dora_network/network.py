@@ -20,7 +20,7 @@ from .args import PRESETS, NetworkArgs
 from .keys import ModuleSpec, axis_from_metadata
 from .layers import DoRAModule
 from .loading import FileMatch, check_coverage, match_file, nonfinite_modules
-from .targets import Target, find_targets
+from .targets import Target, every_layer, find_targets
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +30,6 @@ _VERSION_KEY = "dora_network.version"
 
 #: how a user of sd-scripts opts in to loading a file of which only part fits the model
 ALLOW_PARTIAL_HINT = '--network_args "allow_partial_load=True" (Python: allow_partial=True)'
-
-
-def _every_layer(text_encoders: Sequence[nn.Module], unet: nn.Module | None) -> list[Target]:
-    """Every layer a file may adapt: any preset, conv blocks and text encoders included."""
-    return find_targets(text_encoders, unet, unet_scope="all", include_text_encoders=True, with_conv_blocks=True,
-                        all_layers=True)
 
 
 class DoRANetwork(nn.Module):
@@ -73,7 +67,7 @@ class DoRANetwork(nn.Module):
         )
         # every layer a file may name (any preset, conv blocks, text encoders): tells a file for another model
         # from one that only adapts layers this network leaves alone
-        self.model_layers: list[Target] = _every_layer(text_encoders, unet)
+        self.model_layers: list[Target] = every_layer(text_encoders, unet)
         if from_file:
             self.targets = [t for t in self.targets if t.lora_name in file_specs]
         self.text_encoder_loras: list[DoRAModule] = []
@@ -131,7 +125,7 @@ class DoRANetwork(nn.Module):
         Raises:
             ValueError: no module of the file matches the model, or some do not and ``allow_partial`` is False.
         """
-        targets = _every_layer(text_encoders, unet)
+        targets = every_layer(text_encoders, unet)
         found = match_file(state_dict, targets, axis_hint)
         check_coverage(found, targets, allow_partial, ALLOW_PARTIAL_HINT)
         return found

@@ -17,7 +17,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Target", "find_targets", "normalize_text_encoders", "unwrap_unet"]
+__all__ = ["Target", "every_layer", "find_targets", "normalize_text_encoders", "unwrap_unet"]
 
 UNET_TRANSFORMER_CLASSES = ("Transformer2DModel",)
 UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -179,3 +179,10 @@ def find_targets(
         if unet is not None:
             targets += _walk_all(unet, UNET_PREFIX, "unet", False, seen)
     return targets
+
+
+def every_layer(text_encoders: Sequence[nn.Module], unet: nn.Module | None) -> list[Target]:
+    """Every layer a file may adapt, whatever preset trained it: conv blocks, text encoders and layers outside
+    sd-scripts' default scope (LyCORIS' ``full`` preset adds ``conv_in``, ``time_embedding``, ...)."""
+    return find_targets(text_encoders, unet, unet_scope="all", include_text_encoders=True, with_conv_blocks=True,
+                        all_layers=True)
