@@ -37,7 +37,9 @@ __all__ = [
     "adapted_norm",
     "blend",
     "dora_weight",
+    "dora_weight_frobenius",
     "lowrank_delta",
+    "lowrank_frobenius",
     "norm_dims",
     "weight_norm",
 ]
@@ -202,3 +204,51 @@ def adapted_norm(
         gram = (a * ((b.T @ b) @ a)).sum(0).reshape(in_dim, -1).sum(1)
     squared = base_sq.reshape(-1) + (2.0 * scale) * cross + (scale * scale) * gram
     return squared.clamp_min(0.0).sqrt().reshape(base_sq.shape)
+
+
+def lowrank_frobenius(up: torch.Tensor, down: torch.Tensor, scale: float | torch.Tensor,
+                      mid: torch.Tensor | None = None) -> torch.Tensor:
+    """||s B A||_F (Tucker: ||s B T A||_F) from r x r Gram matrices, without forming the product.
+
+    ||B A||_F^2 = tr((B^T B)(A A^T)); with Tucker, sum over kernel taps (h, w) of <T_hw, (B^T B) T_hw (A A^T)>.
+    Work O(r^2 (in*k*k + out)) (+ 2 r^3 k*k for Tucker), workspace r x r: this runs for every layer on every
+    training step (sd-scripts' norm logging and ``--scale_weight_norms``), where forming B A would cost r*in*out.
+
+    Args:
+        up: B, (out, r[, 1, 1]).
+        down: A, (r, in[, kh, kw]); (r, in, 1, 1) with Tucker.
+        scale: s.
+        mid: Tucker core (r, r, kh, kw), or None.
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 factors).
+    """
+    acc = _acc(up)
+    b = up.to(acc).reshape(up.shape[0], -1)  # (out, r)
+    a = down.to(acc).reshape(down.shape[0], -1)  # (r, in*kh*kw), or (r, in) with Tucker
+    gram_b, gram_a = b.T @ b, a @ a.T
+    if mid is None:
+        squared = (gram_b * gram_a).sum()
+    else:
+        core = mid.to(acc).flatten(2).permute(2, 0, 1)  # (kh*kw, r, r): T_hw
+        squared = (core * (gram_b @ core @ gram_a)).sum()
+    return squared.clamp_min(0.0).sqrt() * abs(scale)
+
+
+def dora_weight_frobenius(norm: torch.Tensor, magnitude: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """||W'||_F of the DoRA weight W' = m * V / (||V|| + eps), from the axis norms ||V|| alone.
+
+    Each column (in-axis) or row (out-axis) of W' has norm m * ||V|| / (||V|| + eps), so no weight-sized tensor
+    and no product with W0 is needed once the forward has computed ||V||.
+
+    Args:
+        norm: ||V|| along the axis, ``dora_scale``-shaped (e.g. what the forward computed).
+        magnitude: m, ``dora_scale``-shaped.
+        eps: the epsilon the forward adds to the norm.
+
+    Returns:
+        A 0-dim tensor in the norm's dtype.
+    """
+    acc = norm.dtype
+    per_axis = magnitude.to(acc) * norm / (norm + eps)
+    return torch.linalg.vector_norm(per_axis)

@@ -233,14 +233,46 @@ class DoRAModule(nn.Module):
         up, down = self.lora_up.weight, self.lora_down.weight
         mid = self.lora_mid.weight if self.use_tucker else None
         if not self.detach_norm:
-            return DF.adapted_norm(self.base_weight, up, down, self.scale, self.wd_on_out, mid, self._base_sq())
-        key = self._identity(up, down, mid, self.alpha, self.base_weight) + (self.wd_on_out,)
+            norm = DF.adapted_norm(self.base_weight, up, down, self.scale, self.wd_on_out, mid, self._base_sq())
+            self._norm_memo = (self._norm_key(), norm.detach())  # for the per-step statistics only
+            return norm
+        key = self._norm_key()
         in_backward = _graph_task_id() != -1
         if not (in_backward and self._norm_memo is not None and self._norm_memo[0] == key):
             with torch.no_grad():
                 norm = DF.adapted_norm(self.base_weight, up, down, self.scale, self.wd_on_out, mid, self._base_sq())
             self._norm_memo = (key, norm)
         return self._norm_memo[1]
+
+    def _norm_key(self) -> tuple:
+        mid = self.lora_mid.weight if self.use_tucker else None
+        return self._identity(self.lora_up.weight, self.lora_down.weight, mid, self.alpha, self.base_weight) + (
+            self.wd_on_out,)
+
+    # -- per-step statistics (sd-scripts' norm logging; O(r (in + out)), no weight-sized tensor) -----------------
+    def lowrank_norm(self) -> torch.Tensor:
+        """||s B A||_F (the update LoRA adds; what ``--scale_weight_norms`` caps), from r x r Gram matrices."""
+        mid = self.lora_mid.weight if self.use_tucker else None
+        with torch.no_grad():
+            return DF.lowrank_frobenius(self.lora_up.weight, self.lora_down.weight, self.scale, mid)
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """||W'||_F of this adapter's DoRA weight (strength 1), from the axis norms the forward computed.
+
+        Reuses the norm of the last forward while no tensor it read has changed (sd-scripts calls this between
+        backward and the optimizer step); otherwise computes it in factored form (r*in*out work, no weight-sized
+        tensor). Only for DoRA adapters.
+        """
+        memo = self._norm_memo
+        if memo is not None and memo[0] == self._norm_key():
+            norm = memo[1]
+        else:
+            up, down = self.lora_up.weight, self.lora_down.weight
+            mid = self.lora_mid.weight if self.use_tucker else None
+            with torch.no_grad():
+                norm = DF.adapted_norm(self.base_weight, up, down, self.scale, self.wd_on_out, mid, self._base_sq())
+        with torch.no_grad():
+            return DF.dora_weight_frobenius(norm.detach(), self.dora_scale.detach())
 
     @torch.no_grad()
     def merged_weight(self, multiplier: float | None = None) -> torch.Tensor:

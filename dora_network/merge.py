@@ -1,4 +1,4 @@
-"""Bake adapters into base weights (``merge_to``, ``--network_pre_calc``) and undo it; max-norm regularisation.
+"""Bake adapters into base weights (``merge_to``, ``--network_pre_calc``) and undo it.
 
 Merged weights are W(mu) = W0 + mu * (W' - W0), computed in float32 from the *unmerged* base weight and written
 once in the base weight's dtype, so merged inference equals the unmerged forward with zero overhead.
@@ -12,7 +12,7 @@ import torch
 
 from .layers import DoRAModule
 
-__all__ = ["backup", "max_norm_regularize", "merge_into_base", "pre_calculate", "restore"]
+__all__ = ["backup", "merge_into_base", "pre_calculate", "restore"]
 
 
 @torch.no_grad()
@@ -55,27 +55,3 @@ def pre_calculate(modules: Iterable[DoRAModule], store: dict[str, torch.Tensor])
         weight = module.base_weight
         weight.copy_(module.merged_weight().to(weight.dtype))
         module.precalculated = True
-
-
-@torch.no_grad()
-def max_norm_regularize(modules: Iterable[DoRAModule], max_norm: float) -> tuple[int, float, float]:
-    """Scale B and A of every adapter whose ||s B A|| exceeds ``max_norm`` (kohya's ``--scale_weight_norms``).
-
-    Returns:
-        (number of adapters scaled, mean norm after scaling, max norm after scaling), as Python numbers.
-    """
-    scaled, norms = 0, []
-    for module in modules:
-        norm = float(module.delta_weight().norm())
-        ratio = min(norm, max_norm) / norm if norm > 0 else 1.0
-        if ratio < 1.0:
-            factor = ratio ** (1.0 / (3 if module.use_tucker else 2))
-            module.lora_up.weight.mul_(factor)
-            module.lora_down.weight.mul_(factor)
-            if module.use_tucker:
-                module.lora_mid.weight.mul_(factor)
-            scaled += 1
-        norms.append(norm * ratio)
-    if not norms:
-        return 0, 0.0, 0.0
-    return scaled, sum(norms) / len(norms), max(norms)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import io as dio
-from . import merge
+from . import merge, step_hooks
 from .args import PRESETS, NetworkArgs
 from .keys import ModuleSpec, axis_from_metadata
 from .layers import DoRAModule
@@ -338,28 +338,31 @@ class DoRANetwork(nn.Module):
         """``--network_pre_calc``: bake the current multiplier into the base weights; forwards skip the adapters."""
         merge.pre_calculate(self.loras, self._weight_backup)
 
-    # -- regularisation and logging hooks ----------------------------------------------------------------------
-    @torch.no_grad()
+    # -- per-step hooks (step_hooks.py: O(r (in + out)) per layer, no weight-sized tensor) ----------------------
     def apply_max_norm_regularization(self, max_norm_value: float, device: Any = None) -> tuple[int, float, float]:
-        """Cap ||s B A|| of every adapter at ``max_norm_value`` (``--scale_weight_norms``)."""
-        return merge.max_norm_regularize(self.loras, float(max_norm_value))
+        """Cap ||s B A||_F of every adapter at ``max_norm_value`` (``--scale_weight_norms``, after every step)."""
+        return step_hooks.max_norm_regularize(self.loras, float(max_norm_value))
 
-    @torch.no_grad()
     def update_norms(self) -> None:
-        self._norm_cache["weight"] = torch.stack([m.delta_weight().norm() for m in self.loras])
-        self._norm_cache["combined"] = torch.stack([m.merged_weight().norm() for m in self.loras])
+        """Record ||s B A||_F per adapter and ||W'||_F per DoRA adapter (called after every backward).
 
-    @torch.no_grad()
+        W's norm comes from the axis norms this step's forward computed, so it describes the weights the step used.
+        """
+        self._norm_cache["weight"] = step_hooks.lowrank_norms(self.loras)
+        self._norm_cache["combined"] = step_hooks.dora_weight_norms(self.loras)
+
     def update_grad_norms(self) -> None:
-        norms = [torch.stack([p.grad.float().norm() for p in m.parameters() if p.grad is not None]).norm()
-                 for m in self.loras if any(p.grad is not None for p in m.parameters())]
-        self._norm_cache["grad"] = torch.stack(norms) if norms else None
+        """Record each adapter's gradient norm (all its parameters together)."""
+        self._norm_cache["grad"] = step_hooks.grad_norms(self.loras)
 
     def weight_norms(self) -> torch.Tensor | None:
+        """||s B A||_F per adapter, as of the last :meth:`update_norms`."""
         return self._norm_cache.get("weight")
 
     def grad_norms(self) -> torch.Tensor | None:
+        """Gradient norm per adapter, as of the last :meth:`update_grad_norms`."""
         return self._norm_cache.get("grad")
 
     def combined_weight_norms(self) -> torch.Tensor | None:
+        """||W'||_F per DoRA adapter (None for a plain-LoRA network), as of the last :meth:`update_norms`."""
         return self._norm_cache.get("combined")
