@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as DF
+from .autograd_ops import OutAxisCombine, ScaledInputConv, out_axis_combine
 from .keys import ModuleSpec
 
 __all__ = ["DoRAModule", "layer_kind"]
@@ -32,6 +33,12 @@ def _graph_task_id() -> int:
     """-1 outside backward; the running backward's id inside it (e.g. during checkpoint recomputation)."""
     current = getattr(torch._C, "_current_graph_task_id", None)
     return -1 if current is None else current()
+
+
+def _compiling() -> bool:
+    """True while torch.compile (dynamo) traces: the eager memos use identity checks a graph cannot hold."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(check()) if check is not None else False
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -133,6 +140,7 @@ class DoRAModule(nn.Module):
         self.org_forward: Callable[..., torch.Tensor] | None = None
         self._norm_memo: tuple[tuple, torch.Tensor] | None = None  # (inputs' identity, detached norm)
         self._base_sq_memo: tuple[tuple, torch.Tensor] | None = None  # (W0's identity, ||W0||^2 along the axis)
+        self._base_sq_value: torch.Tensor | None = None  # the memo's tensor, for compiled forwards
         self._scale_memo: tuple[tuple, float] | None = None  # (alpha's identity, alpha / rank)
         self._had_instance_forward = False
         self.precalculated = False  # True while the blended weight is baked into the base (network_pre_calc)
@@ -149,6 +157,13 @@ class DoRAModule(nn.Module):
         if self._scale_memo is None or self._scale_memo[0] != key:
             self._scale_memo = (key, float(self.alpha) / self.rank)
         return self._scale_memo[1]
+
+    def _scale_value(self) -> float | torch.Tensor:
+        """s for the forward: the memoised float eagerly; under torch.compile a tensor expression of the buffer
+        (the memo's identity checks would break the graph, and a float read would specialise on its value)."""
+        if _compiling():
+            return self.alpha.to(torch.float32) / self.rank
+        return self.scale
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -196,6 +211,7 @@ class DoRAModule(nn.Module):
             with torch.no_grad():
                 magnitude = DF.weight_norm(self.base_weight, self.wd_on_out).to(self.dora_scale.dtype)
             self.dora_scale = nn.Parameter(magnitude.to(self.dora_scale.device))
+            self._base_sq_value = None  # the other axis: recomputed on the next eager forward or refresh
         self.alpha.fill_(spec.alpha)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,12 +231,26 @@ class DoRAModule(nn.Module):
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
 
     def _base_sq(self) -> torch.Tensor:
-        """||W0||^2 along the axis, memoised while the base weight is unchanged (it is frozen while training)."""
+        """||W0||^2 along the axis, memoised while the base weight is unchanged (it is frozen while training).
+
+        Under torch.compile the memo is read without its identity check (the base is frozen while a compiled model
+        trains; :meth:`refresh_base_norm` runs eagerly from ``prepare_grad_etc``), or computed in the graph.
+        """
+        if _compiling():
+            cached = self._base_sq_value
+            if cached is not None:
+                return cached
+            return DF.weight_norm(self.base_weight, self.wd_on_out).square()
         key = self._identity(self.base_weight) + (self.wd_on_out,)
         if self._base_sq_memo is None or self._base_sq_memo[0] != key:
             with torch.no_grad():
                 self._base_sq_memo = (key, DF.weight_norm(self.base_weight, self.wd_on_out).square())
+            self._base_sq_value = self._base_sq_memo[1]
         return self._base_sq_memo[1]
+
+    def refresh_base_norm(self) -> None:
+        """Compute (or re-validate) the memoised ||W0||^2 now, eagerly, where the base weight finally lives."""
+        self._base_sq()
 
     def adapted_norm(self) -> torch.Tensor:
         """||W0 + s B A|| along the axis (float32), factored: no weight-sized tensor is formed.
@@ -232,6 +262,10 @@ class DoRAModule(nn.Module):
         """
         up, down = self.lora_up.weight, self.lora_down.weight
         mid = self.lora_mid.weight if self.use_tucker else None
+        if _compiling():  # no memo (its identity checks would break the graph); recomputed under checkpointing
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
+                return DF.adapted_norm(self.base_weight, up, down, self._scale_value(), self.wd_on_out, mid,
+                                       self._base_sq())
         if not self.detach_norm:
             norm = DF.adapted_norm(self.base_weight, up, down, self.scale, self.wd_on_out, mid, self._base_sq())
             self._norm_memo = (self._norm_key(), norm.detach())  # for the per-step statistics only
@@ -284,25 +318,18 @@ class DoRAModule(nn.Module):
             return base.to(delta.dtype) + mu * delta
         return DF.blend(base, DF.dora_weight(base, delta, self.dora_scale, self.wd_on_out), mu)
 
-    def _lowrank(
-        self,
-        x: torch.Tensor,
-        up_scale: torch.Tensor | float,
-        bias: torch.Tensor | None = None,
-        down_scale: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """up(mid(down(x * down_scale))) * up_scale (+ bias), with the dropouts.
+    def _hidden(self, x: torch.Tensor, down_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """h = mid(down(x * down_scale)) with the dropouts: the rank-r activations.
 
         ``down_scale`` (one factor per input channel) is folded into the (r, in) ``lora_down`` weight, so the
-        scaled input is never formed for this path and autograd keeps only ``x``, which the base path's scaling
-        keeps anyway.
-
-        ``up_scale`` (a number, or one factor per output channel shaped like ``lora_up.weight``'s dim 0) is folded
-        into the (out, r) ``lora_up`` weight instead of multiplying the (tokens, out) output: one pass over a
-        tiny tensor instead of two passes (forward and backward) over an activation-sized one.
+        scaled input is never formed for this path and autograd keeps only ``x``, which LoRA keeps too. A
+        convolution's (r, in, k, k) folded weight would be kept as well: it goes through ScaledInputConv instead.
         """
         if down_scale is None:
             hidden = self.lora_down(x)
+        elif self.kind != "linear" and self.lora_down.padding_mode == "zeros" and torch.is_grad_enabled():
+            d = self.lora_down
+            hidden = ScaledInputConv.apply(x, down_scale, d.weight, None, d.stride, d.padding, d.dilation, d.groups)
         else:
             down = self.lora_down.weight
             down = down * down_scale.reshape((1, -1) + (1,) * (down.dim() - 2)).to(down.dtype)
@@ -317,14 +344,35 @@ class DoRAModule(nn.Module):
                 shape = (hidden.shape[0],) + (1,) * (hidden.dim() - 2) + (self.rank,)
             keep = torch.rand(shape, device=hidden.device) >= self.rank_dropout
             hidden = hidden * keep.to(hidden.dtype) / (1.0 - self.rank_dropout)
+        return hidden
+
+    def _folded_up(self, up_scale: torch.Tensor | float) -> torch.Tensor:
+        """The (out, r) ``lora_up`` weight times ``up_scale`` (a number, or one factor per output channel).
+
+        Folding the scale into the tiny weight costs one pass over r * out numbers instead of two passes (forward
+        and backward) over the activation-sized output.
+        """
         up = self.lora_up.weight
         if isinstance(up_scale, torch.Tensor):
-            up = up * up_scale.reshape((-1,) + (1,) * (up.dim() - 1)).to(up.dtype)
-        else:
-            up = up * up_scale
-        if bias is not None:
-            bias = bias.to(hidden.dtype)
-        return F.linear(hidden, up, bias) if self.kind == "linear" else F.conv2d(hidden, up, bias)
+            return up * up_scale.reshape((-1,) + (1,) * (up.dim() - 1)).to(up.dtype)
+        return up * up_scale
+
+    def _project_up(self, hidden: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, up) if self.kind == "linear" else F.conv2d(hidden, up)
+
+    def _scaled_input_base(self, x: torch.Tensor, c_base: torch.Tensor) -> torch.Tensor:
+        """base(x * c_b), keeping for backward only what LoRA keeps (``x``, shared with the ``lora_down`` path).
+
+        A Linear with a frozen weight keeps no input, so plain autograd does it; a convolution keeps its input,
+        so a plain nn.Conv2d goes through :class:`~dora_network.autograd_ops.ScaledInputConv`.
+        """
+        base = self.base_layer
+        plain_conv = (self.kind != "linear" and not self._had_instance_forward and type(base) is nn.Conv2d
+                      and base.padding_mode == "zeros" and not base.weight.requires_grad)
+        if plain_conv and torch.is_grad_enabled() and (x.requires_grad or c_base.requires_grad):
+            return ScaledInputConv.apply(x, c_base, base.weight, base.bias, base.stride, base.padding,
+                                         base.dilation, base.groups)
+        return self._base_forward(x * self._channel_shape(c_base, x.dtype))
 
     def _channel_shape(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Reshape a ``dora_scale``-shaped factor to broadcast over activations (channels last for Linear)."""
@@ -340,15 +388,18 @@ class DoRAModule(nn.Module):
             # then all-reduces the same set of gradients (sd-scripts skips params whose grad is None, and a
             # rank-dependent set would hang or desynchronise the ranks; DDP would need find_unused_parameters).
             return self._base_forward(x) + sum(p.sum() for p in self.parameters()) * 0.0
+        scale = self._scale_value()
         if not self.dora:
-            return self._base_forward(x) + self._lowrank(x, mu * self.scale)
+            return self._base_forward(x) + self._project_up(self._hidden(x), self._folded_up(mu * scale))
         c_base, c = DF.activation_scales(self.adapted_norm(), self.dora_scale, mu)
         if not self.wd_on_out:
-            base_in = x * self._channel_shape(c_base, x.dtype)
-            return self._base_forward(base_in) + self._lowrank(x, mu * self.scale, down_scale=c)
+            lowrank = self._project_up(self._hidden(x, down_scale=c), self._folded_up(mu * scale))
+            return self._scaled_input_base(x, c_base) + lowrank
         # out-axis: y = c_b * (W0 x + b) + (1 - c_b) * b + mu*s*c * B A x, one fused pass over the output
         out = self._base_forward(x)
+        hidden = self._hidden(x)
+        up = self._folded_up(c * (mu * scale))
         bias = getattr(self.base_layer, "bias", None)
-        shift = None if bias is None else bias.to(c_base.dtype) * (1.0 - c_base.reshape(-1))
-        lowrank = self._lowrank(x, c * (mu * self.scale), shift)
-        return torch.addcmul(lowrank, out, self._channel_shape(c_base, out.dtype))
+        if torch.is_grad_enabled() and (out.requires_grad or up.requires_grad or hidden.requires_grad):
+            return OutAxisCombine.apply(out, c_base, hidden, up, bias)
+        return out_axis_combine(out, c_base, hidden, up, bias)

@@ -168,7 +168,11 @@ class DoRANetwork(nn.Module):
         """Nothing to do: adapters run inside the host's checkpointed blocks and have no side effects."""
 
     def prepare_grad_etc(self, text_encoder: Any = None, unet: Any = None) -> None:
+        """Called once, after every cast and move of the base models: memoise each ||W0|| where it now lives."""
         self.requires_grad_(True)
+        for module in self.loras:
+            if module.dora:
+                module.refresh_base_norm()
 
     def on_epoch_start(self, text_encoder: Any = None, unet: Any = None) -> None:
         self.train()

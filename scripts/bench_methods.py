@@ -398,7 +398,20 @@ def measure_infer(spec: dict[str, Any]) -> dict[str, Any]:
             "adapter_params": trainable, "merged_max_abs_diff": merged_diff}
 
 
-SECTIONS = {"step": measure_step, "micro": measure_micro, "infer": measure_infer}
+def _trainer(spec: dict[str, Any]) -> dict[str, Any]:
+    import bench_trainer
+
+    return bench_trainer.measure(spec)
+
+
+def _trainer_prepare(spec: dict[str, Any]) -> dict[str, Any]:
+    import bench_trainer
+
+    return bench_trainer.prepare(spec["config"])
+
+
+SECTIONS = {"step": measure_step, "micro": measure_micro, "infer": measure_infer, "trainer": _trainer,
+            "trainer_prepare": _trainer_prepare}
 
 
 def _setup(threads: int = 1) -> None:

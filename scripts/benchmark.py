@@ -8,6 +8,11 @@ Sections (``--sections``):
          Conv 3x3 640->640 at 1x32x32; plus ours' norm computation alone, against the r/(2N) FLOP model
   infer  eval-mode no_grad UNet forwards: base, unmerged adapters, and ours saved, reloaded with
          create_network_from_weights and merged with merge_to (``*_merged``; should cost x1.00 of the base)
+  trainer  the step users run (scripts/bench_trainer.py): sd-scripts train_network.py's whole loop body, every
+         per-step hook included, on a FULL-SIZE SDXL UNet (configs/bench_sdxl_full.toml, ~10 GB float32, built once
+         and cached in outputs/bench_cache), gradient checkpointing on; ours LoRA / DoRA in-axis / DoRA out-axis,
+         interleaved, one process at a time with every core; per config latent:conv_dim[:scale_weight_norms].
+         Not in the default sections: ~1-2 h on a 2-core CPU, ~20 GB of RAM. --quick runs it on the small UNet.
 
 Every (section, config, method, round) runs in its own process forked from a preloaded forkserver, one torch
 thread, rounds interleaved. Primary metric: process CPU time, median over rounds; ratios are medians of per-round
@@ -18,6 +23,8 @@ the checkpointed blocks). Prints markdown tables; ``--json out.json`` writes eve
     python scripts/benchmark.py                 # full default (~20 min on an idle 2-core machine)
     python scripts/benchmark.py --quick         # smoke check: 1 round, 1 step, latent 32, rank 16
     python scripts/benchmark.py --sections step --methods ours_lora,ours_dora_in --latents 64 --ranks 16,32 --gc off,on
+    python scripts/benchmark.py --sections trainer                      # full-size SDXL, 256 and 512 px
+    python scripts/benchmark.py --sections trainer --quick              # the same loop on the small UNet
 """
 
 from __future__ import annotations
@@ -50,9 +57,12 @@ REPO = SCRIPTS.parent
 sys.path[:0] = [str(SCRIPTS), str(REPO)]
 
 import bench_methods  # noqa: E402
+import bench_trainer  # noqa: E402
 from bench_methods import MERGED_SUFFIX, METHODS, PRELOAD, micro_shapes  # noqa: E402
 
 DEFAULT_CONFIGS = "64:16:off,32:16:off,32:32:off,32:16:on"
+#: latent:conv_dim[:scale_weight_norms]; latent 32 is 256 px, 64 is 512 px
+DEFAULT_TRAINER_CONFIGS = "32:off,32:on,64:off,64:on,32:on:1"
 MICRO_METHODS = ("none", "ours_lora", "ours_dora_in", "ours_dora_out", "lycoris_dora", "peft_dora")
 INFER_METHODS = ("none", "ours_lora", "ours_dora_in", "ours_dora_out", "ours_dora_in_merged", "lycoris_dora",
                  "peft_dora")
@@ -85,6 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="measurement processes at once, 1 thread each (default %(default)s)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement process")
+    p.add_argument("--trainer-configs", default=DEFAULT_TRAINER_CONFIGS,
+                   help="trainer section: latent:conv(on/off)[:scale_weight_norms] (default %(default)s)")
+    p.add_argument("--trainer-rank", type=int, default=16, help="trainer section: network_dim (alpha = dim/2)")
+    p.add_argument("--trainer-model", default=str(bench_trainer.FULL_CONFIG),
+                   help="trainer section: UNet config (default: full-size SDXL)")
+    p.add_argument("--trainer-threads", type=int, default=os.cpu_count() or 1,
+                   help="trainer section: torch threads (default: every core, as the trainer runs)")
     p.add_argument("--json", help="write all results here")
     p.add_argument("--quick", action="store_true",
                    help="1 round, 1 step, latent 32, rank 16, 1024 micro tokens (smoke check)")
@@ -92,8 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.steps, args.warmup, args.micro_rank, args.micro_tokens = 1, 1, 1, 16, 1024
         args.configs, args.latents, args.ranks, args.gc = "32:16:off", None, None, None
+        args.trainer_configs, args.trainer_model = "16:on,16:on:1", str(REPO / "configs" / "bench_sdxl.toml")
     args.sections = _csv(args.sections)
-    bad = set(args.sections) - {"step", "micro", "infer"}
+    bad = set(args.sections) - {"step", "micro", "infer", "trainer"}
     if bad:
         p.error(f"unknown sections {sorted(bad)}")
     if args.latents or args.ranks or args.gc:
@@ -104,6 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.step_configs = list(itertools.product(lat, ranks, gcs))
     else:
         args.step_configs = [_parse_config(c) for c in _csv(args.configs)]
+    args.trainer_config_list = [_parse_trainer_config(c) for c in _csv(args.trainer_configs)]
     args.infer_latent = args.infer_latent or max(c[0] for c in args.step_configs)
     args.infer_rank = args.infer_rank or args.step_configs[0][1]
     if args.methods:
@@ -113,8 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)} (+ ours_*{MERGED_SUFFIX})")
         args.section_methods = {s: [m for m in methods if m in METHODS or (s == "infer" and _is_merged(m))]
                                 for s in args.sections}
+        args.section_methods["trainer"] = [m for m in methods if m in bench_trainer.METHODS]
     else:
-        args.section_methods = {"step": list(METHODS), "micro": list(MICRO_METHODS), "infer": list(INFER_METHODS)}
+        args.section_methods = {"step": list(METHODS), "micro": list(MICRO_METHODS), "infer": list(INFER_METHODS),
+                                "trainer": list(bench_trainer.METHODS)}
     return args
 
 
@@ -127,6 +148,13 @@ def _on(text: str) -> bool:
 def _parse_config(text: str) -> tuple[int, int, bool]:
     latent, rank, gc = text.split(":")
     return int(latent), int(rank), _on(gc)
+
+
+def _parse_trainer_config(text: str) -> tuple[int, bool, float | None]:
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"trainer config must be latent:conv[:scale_weight_norms], got {text!r}")
+    return int(parts[0]), _on(parts[1]), float(parts[2]) if len(parts) == 3 else None
 
 
 def _is_merged(method: str) -> bool:
@@ -142,7 +170,11 @@ def build_tasks(args: argparse.Namespace) -> list[dict[str, Any]]:
         for section in args.sections:
             methods = args.section_methods[section]
             methods = methods[rnd % len(methods):] + methods[: rnd % len(methods)] if methods else []
-            if section == "step":
+            if section == "trainer":
+                configs = [{"latent": lat, "conv": conv, "max_norm": mn, "rank": args.trainer_rank,
+                            "config": args.trainer_model, "threads": args.trainer_threads}
+                           for lat, conv, mn in args.trainer_config_list]
+            elif section == "step":
                 configs = [{"latent": lat, "rank": r, "gc": gc} for lat, r, gc in args.step_configs]
             elif section == "micro":
                 configs = [{"rank": args.micro_rank, "tokens": args.micro_tokens}]
@@ -179,7 +211,7 @@ def run_tasks(tasks: list[dict[str, Any]], jobs: int, timeout: float) -> list[di
             with open(log, errors="replace") as f:
                 result["log_tail"] = f.read()[-3000:]
         done[0] += 1
-        what = ", ".join(f"{k}={spec[k]}" for k in ("latent", "rank", "gc") if k in spec)
+        what = ", ".join(f"{k}={spec[k]}" for k in ("latent", "rank", "gc", "conv", "max_norm") if k in spec)
         cpu = result.get("cpu_ms", sum(v.get("cpu_ms", 0) for v in result.get("shapes", {}).values()))
         status = "FAILED" if "error" in result else f"{cpu:.0f} cpu ms"
         print(f"[{done[0]}/{len(tasks)} {time.time() - start:5.0f}s] {spec['section']} {what} round {spec['round']}"
@@ -188,6 +220,24 @@ def run_tasks(tasks: list[dict[str, Any]], jobs: int, timeout: float) -> list[di
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         return list(pool.map(one, range(len(tasks))))
+
+
+def run_sections(tasks: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The small sections ``--jobs`` at a time; the trainer section alone, one process at a time, after building
+    (or finding) the cached full-size UNet in a process of its own."""
+    small = [i for i, t in enumerate(tasks) if t["section"] != "trainer"]
+    big = [i for i, t in enumerate(tasks) if t["section"] == "trainer"]
+    results: list[dict[str, Any]] = [{} for _ in tasks]
+    for i, res in zip(small, run_tasks([tasks[i] for i in small], args.jobs, args.timeout)):
+        results[i] = res
+    if big:
+        prep = run_tasks([{"section": "trainer_prepare", "method": "-", "round": 0, "config": args.trainer_model,
+                           "threads": args.trainer_threads}], 1, args.timeout)[0]
+        if "error" in prep:
+            raise SystemExit(f"could not build the trainer section's UNet: {prep['error']}")
+        for i, res in zip(big, run_tasks([tasks[i] for i in big], 1, args.timeout)):
+            results[i] = res
+    return results
 
 
 # -- aggregation -------------------------------------------------------------------------------------------------
@@ -368,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine_info()
     tasks = build_tasks(args)
-    print(f"running {len(tasks)} measurement processes, {args.jobs} at a time", file=sys.stderr, flush=True)
-    results = run_tasks(tasks, args.jobs, args.timeout)
+    print(f"running {len(tasks)} measurement processes, {args.jobs} at a time (trainer: 1)", file=sys.stderr,
+          flush=True)
+    results = run_sections(tasks, args)
     info["load_avg_end"] = os.getloadavg()
     info["worker_torch_threads"] = sorted({r["threads"] for r in results if "threads" in r})
     elapsed = time.time() - t0
@@ -378,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
                                "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "jobs": args.jobs,
                                "step_configs": args.step_configs, "micro_rank": args.micro_rank,
                                "infer_latent": args.infer_latent, "infer_rank": args.infer_rank,
-                               "config": args.config}}
+                               "config": args.config, "trainer_configs": args.trainer_config_list,
+                               "trainer_rank": args.trainer_rank, "trainer_model": args.trainer_model,
+                               "trainer_threads": args.trainer_threads}}
     problems = [f"{t['section']} {t['method']} round {t['round']}: {r['error'].strip().splitlines()[-1]}"
                 for t, r in zip(tasks, results) if "error" in r]
     v = info["versions"]
@@ -391,8 +444,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.rounds} interleaved round(s) x {args.steps} timed step(s) after {args.warmup} warm-up; "
           f"CPU ms are medians over rounds, ratios medians of per-round paired ratios.\n")
     titles = {"step": "Training step (SDXL-shaped UNet, batch 1)", "micro": f"One layer, rank {args.micro_rank}",
-              "infer": "Inference (eval, no_grad)"}
+              "infer": "Inference (eval, no_grad)",
+              "trainer": f"The step users run: sd-scripts' loop body on {Path(args.trainer_model).name}, rank "
+                         f"{args.trainer_rank}, gradient checkpointing, {args.trainer_threads} thread(s)"}
     for section in args.sections:
+        if section == "trainer":
+            rows = bench_trainer.summarize(tasks, results)
+            out[section] = {"rows": rows}
+            print(f"## {titles[section]}\n\n{bench_trainer.render(rows)}\n\nhooks = all_reduce + clip_grad_norm_ + "
+                  "update_grad_norms + update_norms; logs = the four norm reads (or apply_max_norm_regularization); "
+                  "x LoRA = median of per-round ratios to ours_lora; wall-clock.\n")
+            continue
         rows = aggregate(section, tasks, results, args.section_methods[section])
         out[section] = {"rows": rows}
         extra = ""
