@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 FULL_CONFIG = REPO / "configs" / "bench_sdxl_full.toml"
-CACHE_DIR = REPO / "outputs" / "bench_cache"
+CACHE_DIR = Path(os.environ.get("DORA_BENCH_CACHE", REPO / "outputs" / "bench_cache"))
 METHODS = ("ours_lora", "ours_dora_in", "ours_dora_out")
 PHASES = ("fwd", "bwd", "hooks", "opt", "logs")
 
