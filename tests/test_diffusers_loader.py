@@ -18,7 +18,7 @@ from safetensors.torch import load_file as st_load
 from torch import nn
 
 import dora_network
-from dora_network.diffusers_loader import DoRAPatch, apply_dora_to_pipeline
+from dora_network.integrations.diffusers_loader import DoRAPatch, apply_dora_to_pipeline
 from dora_network.tiny import build_pipeline, build_tiny_sdxl
 from dora_network.unet_names import diffusers_to_sai
 

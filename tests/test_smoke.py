@@ -21,9 +21,9 @@ import torch
 
 from dora_network import smoke
 from dora_network.io import load_file
-from dora_network.smoke_config import DEFAULT_CONFIG, SmokeSettings, load_settings, read_toml
-from dora_network.smoke_data import load_image_folder, synthetic_examples
-from dora_network.smoke_report import state_digest
+from dora_network.smoke.config import DEFAULT_CONFIG, SmokeSettings, load_settings, read_toml
+from dora_network.smoke.data import load_image_folder, synthetic_examples
+from dora_network.smoke.report import state_digest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_smoke_train_passes_every_self_check(smoke_run):
 
 def _loader_missing() -> bool:
     try:
-        import dora_network.diffusers_loader  # noqa: F401
+        import dora_network.integrations.diffusers_loader  # noqa: F401
     except ImportError:
         return True
     return False

@@ -19,9 +19,9 @@ import torch
 from dora_network import smoke
 from dora_network.io import load_file
 from dora_network.loading import nonfinite_modules
-from dora_network.smoke_config import load_settings
-from dora_network.smoke_report import state_digest
-from dora_network.smoke_state import load_state, state_path, step_file_name
+from dora_network.smoke.config import load_settings
+from dora_network.smoke.report import state_digest
+from dora_network.smoke.state import load_state, state_path, step_file_name
 
 pytestmark = pytest.mark.slow
 

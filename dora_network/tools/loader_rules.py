@@ -325,7 +325,7 @@ def _diffusers(f: FileFacts) -> tuple[list[_Issue], list[str]]:
     if f.dora:
         issues.append(("wrong", f"{len(f.dora)} DoRA modules: diffusers deletes dora_scale (one warning, PR #9547) "
                                 f"and loads them as plain LoRA; use "
-                                f"dora_network.diffusers_loader.apply_dora_to_pipeline"))
+                                f"dora_network.integrations.diffusers_loader.apply_dora_to_pipeline"))
     if f.te_short:
         notes.append("transformers-5 text-encoder names: whether diffusers maps them depends on the installed "
                      "transformers (not verified)")

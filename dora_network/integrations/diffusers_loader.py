@@ -23,12 +23,12 @@ from typing import Any, Mapping
 
 import torch
 
-from . import functional as DF
-from .io import load_file
-from .keys import DORA_SCALE, DOWN, MID, UP, ModuleSpec
-from .keys import axis_from_metadata
-from .loading import check_coverage, match_file
-from .targets import Target, every_layer
+from .. import functional as DF
+from ..io import load_file
+from ..keys import DORA_SCALE, DOWN, MID, UP, ModuleSpec
+from ..keys import axis_from_metadata
+from ..loading import check_coverage, match_file
+from ..targets import Target, every_layer
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ _REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 DEFAULT_CONFIG: Path | None = _REPO_CONFIG if _REPO_CONFIG.is_file() else None
 """``configs/smoke.toml`` in a checkout; None when installed without the repo (the dataclass defaults apply)."""
 
-#: the self-checks, in the order they run (smoke_checks.py)
+#: the self-checks, in the order they run (checks.py)
 CHECKS: tuple[str, ...] = ("trained", "reload", "merge", "loss", "diffusers")
 
 #: ``--save_precision`` -> torch dtype name (None: the network's own dtype, float32 here), as sd-scripts.

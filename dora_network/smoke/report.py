@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .smoke_config import SmokeSettings
+from .config import SmokeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def training_metadata(
     Returns:
         ``ss_*`` and ``modelspec.*`` keys.
     """
-    from . import __version__
+    from .. import __version__
 
     finished = datetime.datetime.now(datetime.timezone.utc)
     te_lr = settings.text_encoder_lr

@@ -1,4 +1,4 @@
-"""The smoke train (``dora-smoke-train``, ``python -m dora_network.smoke``): DoRA on the tiny SDXL model, end to end.
+"""The smoke train's loop (``dora-smoke-train``, ``python -m dora_network.smoke``): DoRA on the tiny SDXL model.
 
 It makes sd-scripts' calls on the network module in sd-scripts' order (``train_network.py``), so a run exercises the
 same contract a real training does:
@@ -9,7 +9,7 @@ same contract a real training does:
     -> per epoch on_epoch_start; per step on_step_start, noise-prediction MSE, backward, all-reduce,
        clip_grad_norm_(get_trainable_params()), step -> save_weights(file, save_dtype, ss_* metadata)
 
-then verifies its own file (see smoke_checks.py) and writes ``loss.png`` and ``summary.json``. Exit status 0 means
+then verifies its own file (see checks.py) and writes ``loss.png`` and ``summary.json``. Exit status 0 means
 every check passed. Runs under ``accelerate launch`` too (data parallel; rank 0 saves and checks).
 """
 
@@ -25,16 +25,16 @@ from typing import Any, Sequence
 
 import torch
 
-from .smoke_config import SAVE_DTYPES, SmokeSettings, load_settings
-from .smoke_data import Example, load_image_folder, synthetic_examples
-from .smoke_model import Probe, build_model, make_probe, predict_noise, probe_output, text_conditioning
-from .smoke_report import build_summary, moving_average, plot_loss, state_digest, training_metadata, write_json
-from .smoke_state import (EpochShuffle, ResumeError, TrainingDiverged, diverged, load_state, save_state,
-                          step_file_name, step_seed, weights_finite)
+from .config import SAVE_DTYPES, SmokeSettings, load_settings
+from .data import Example, load_image_folder, synthetic_examples
+from .model import Probe, build_model, make_probe, predict_noise, probe_output, text_conditioning
+from .report import build_summary, moving_average, plot_loss, state_digest, training_metadata, write_json
+from .state import (EpochShuffle, ResumeError, TrainingDiverged, diverged, load_state, save_state,
+                    step_file_name, step_seed, weights_finite)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SMOKE_COMMAND", "TrainResult", "TrainingDiverged", "main", "train"]
+__all__ = ["SMOKE_COMMAND", "TrainResult", "TrainingDiverged", "main", "setup_logging", "train"]
 
 #: The README's main command; tests check the README quotes it.
 SMOKE_COMMAND = "bash scripts/smoke_train.sh"
@@ -316,7 +316,7 @@ def _save_dtype(settings: SmokeSettings) -> torch.dtype | None:
 
 def setup_logging() -> None:
     """Root logging for the script at INFO: rich if importable, plain otherwise; existing handlers are kept."""
-    from .tools.cli import install_root_handler
+    from ..tools.cli import install_root_handler
 
     root = logging.getLogger()
     if root.level == logging.NOTSET or root.level > logging.INFO:
@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(settings: SmokeSettings) -> int:
     """Train, check, report; the exit status."""
-    from .smoke_checks import run_checks
+    from .checks import run_checks
 
     begin = time.perf_counter()
     result = train(settings)
@@ -384,6 +384,3 @@ def _run(settings: SmokeSettings) -> int:
     print("smoke train OK")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,8 +22,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .io import save_file
-from .smoke_config import SmokeSettings
+from ..io import save_file
+from .config import SmokeSettings
 
 logger = logging.getLogger(__name__)
 

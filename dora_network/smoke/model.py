@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 
-from .smoke_config import SmokeSettings
-from .tiny import TinySDXL, build_tiny_sdxl, encode_prompts, load_tiny_config, make_time_ids, unet_added_cond
+from .config import SmokeSettings
+from ..tiny import TinySDXL, build_tiny_sdxl, encode_prompts, load_tiny_config, make_time_ids, unet_added_cond
 
 __all__ = ["Probe", "build_model", "freeze", "make_probe", "predict_noise", "probe_output", "text_conditioning"]
 

@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .smoke_config import CHECKS, SmokeSettings
-from .smoke_model import Probe, build_model, probe_output
-from .tiny import TinySDXL, build_pipeline
+from .config import CHECKS, SmokeSettings
+from .model import Probe, build_model, probe_output
+from ..tiny import TinySDXL, build_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def check_adapters_trained(file: Path) -> CheckResult:
     Exempt: text encoder 1's last layer. SDXL conditions on te1's *penultimate* hidden state, so that layer's
     adapters never get a gradient (in sd-scripts too: SDXL files keep them at zero).
     """
-    from .io import load_file
+    from ..io import load_file
 
     tensors, _ = load_file(file)
     ups = {key.split(".", 1)[0]: tensor for key, tensor in tensors.items() if key.endswith(".lora_up.weight")}
@@ -197,15 +197,15 @@ def check_diffusers_pipeline(settings: SmokeSettings, file: Path, merged: TinySD
                              device: torch.device) -> CheckResult:
     """(d) HOOK for the diffusers loader: the file loads into a ``StableDiffusionXLPipeline`` with the right weights.
 
-    Calls ``dora_network.diffusers_loader.apply_dora_to_pipeline(pipe, file, strength=1.0) -> handle`` on a pipeline
+    Calls ``dora_network.integrations.diffusers_loader.apply_dora_to_pipeline(pipe, file, strength=1.0) -> handle`` on a pipeline
     assembled from a fresh tiny model and compares every UNet and text-encoder weight of the patched pipeline with
     the model merged by check (b); then ``handle.remove()`` must give back the base weights. Skipped while that
     module does not exist.
     """
     try:
-        from .diffusers_loader import apply_dora_to_pipeline  # type: ignore[import-not-found]
+        from ..integrations.diffusers_loader import apply_dora_to_pipeline  # type: ignore[import-not-found]
     except ImportError:
-        return CheckResult("diffusers", "skip", "skipped: loader not available (dora_network.diffusers_loader)")
+        return CheckResult("diffusers", "skip", "skipped: loader not available (dora_network.integrations.diffusers_loader)")
     if merged is None:
         return CheckResult("diffusers", "skip", "skipped: needs the merge check's model (merge was skipped)")
     fresh = build_model(settings, device)
