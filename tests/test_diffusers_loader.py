@@ -21,8 +21,8 @@ import dora_network
 from dora_network.integrations.diffusers_loader import DoRAPatch, apply_dora_to_pipeline
 from dora_network.tiny import build_pipeline, build_tiny_sdxl
 from dora_network.unet_names import diffusers_to_sai
+from dora_reference import explicit_weight as _explicit
 
-EPS = float(torch.finfo(torch.float32).eps)
 DIFFUSERS_DORA_WARNING = (
     "It seems like you are using a DoRA checkpoint that is not compatible in Diffusers at the moment. So, we are "
     "going to filter out the keys associated to 'dora_scale` from the state dict. If you think this is a mistake "
@@ -89,25 +89,6 @@ def _make_file(tmp_path: Path, wd_on_out: bool, tucker: bool, seed: int = 1) -> 
     path = tmp_path / f"dora_{'out' if wd_on_out else 'in'}{'_tucker' if tucker else ''}.safetensors"
     network.save_weights(str(path), None, {})
     return path
-
-
-def _explicit(w0: torch.Tensor, t: dict[str, torch.Tensor], strength: float, dora: bool = True) -> torch.Tensor:
-    """W0 + s * (m V / (||V|| + eps) - W0), V = W0 + (alpha/r) up down, in float64 (plain LoRA: W0 + s dW)."""
-    w0 = w0.double()
-    up, down = t["lora_up.weight"].double().flatten(1), t["lora_down.weight"].double()
-    scale = float(t["alpha"]) / down.shape[0]
-    if "lora_mid.weight" in t:
-        delta = torch.einsum("oa,abhw,bi->oihw", up, t["lora_mid.weight"].double(), down.flatten(1))
-    else:
-        delta = (up @ down.flatten(1)).reshape(w0.shape)
-    delta = scale * delta
-    if not dora or "dora_scale" not in t:
-        return w0 + strength * delta
-    m = t["dora_scale"].double()
-    keep = 0 if m.shape[0] == w0.shape[0] and m.shape[1] == 1 else 1
-    v = w0 + delta
-    norm = v.pow(2).sum(dim=[d for d in range(v.ndim) if d != keep], keepdim=True).sqrt()
-    return w0 + strength * (m * v / (norm + EPS) - w0)
 
 
 def _check_formula(pipe, sd, originals, strength: float, dora: bool = True) -> float:
