@@ -174,10 +174,15 @@ def test_inspect_one_d_dora_scale(files):
     assert report.axis_counts["ambiguous"] > 0  # square layers
     assert report.verdicts() == _verdicts(
         ComfyUI="wrong", Forge="wrong", A1111="fails", InvokeAI="fails", **{"SD.Next": "wrong"},
-        **{"SD.Next (before 2026-07-12)": "wrong", "diffusers + dora_network helper": "wrong"},
-        diffusers="wrong", LyCORIS="fails")
-    # the helper reads 1-D on square layers as out-axis: wrong for this in-axis file
-    assert "in-axis" in report.loaders["diffusers + dora_network helper"].reasons[0]
+        **{"SD.Next (before 2026-07-12)": "wrong"}, diffusers="wrong", LyCORIS="fails")
+    assert any("DoRA Loader node" in r for r in report.loaders["ComfyUI"].reasons)  # the way out in ComfyUI
+    # without the metadata nothing tells the square layers' axis: our loaders guess out-axis, wrong for this file
+    square = {k.partition(".")[0] for k, v in sd.items() if k.endswith(".lora_down.weight")
+              and sd[k.replace("lora_down", "lora_up")].shape[0] == v.shape[1]}
+    bare = I.inspect_file(_one_d({k: v for k, v in sd.items() if k.partition(".")[0] in square}), {})
+    assert bare.axis_hint is None and bare.axis_counts["ambiguous"] == bare.modules
+    for loader in ("diffusers + dora_network helper", "ComfyUI + DoRA Loader node"):
+        assert bare.loaders[loader].verdict == "wrong" and "in-axis" in bare.loaders[loader].reasons[0]
 
 
 def test_inspect_transformers5_text_encoder_names(files):

@@ -32,6 +32,7 @@ __all__ = ["KINDS", "LOADERS", "PARTS", "VERDICTS", "FileFacts", "LoaderVerdict"
 VERDICTS = ("exact", "approximate", "wrong", "fails")
 LOADERS = (
     "ComfyUI",
+    "ComfyUI + DoRA Loader node",
     "Forge",
     "A1111",
     "InvokeAI",
@@ -122,7 +123,7 @@ class FileFacts:
     out_axis: list[ModuleFacts]  # 2-D/4-D out-axis DoRA
     in_axis: list[ModuleFacts]  # 2-D/4-D in-axis DoRA
     scale_1d: list[ModuleFacts]
-    ambiguous_in: list[ModuleFacts]  # 1-D on a square layer whose file axis is (or may be) "in"
+    ambiguous_in: list[ModuleFacts]  # 1-D on a square layer with no clue to its axis: our loader guesses "out"
     tucker_dora: list[ModuleFacts]
     any_mid: list[ModuleFacts]
     alpha_not_rank_dora: list[ModuleFacts]
@@ -180,7 +181,10 @@ def file_facts(modules: Sequence[ModuleFacts], groups: Mapping[str, Mapping[str,
         out_axis=out_axis,
         in_axis=[m for m in dora if m.axis == "in" and not m.scale_1d],
         scale_1d=[m for m in dora if m.scale_1d],
-        ambiguous_in=[m for m in dora if m.axis == "ambiguous" and axis_hint != "out"],
+        # our loader (helper, ComfyUI node) reads these with the metadata's axis, else the other modules' axis,
+        # else as out-axis: only that last guess can be wrong
+        ambiguous_in=[m for m in dora if m.axis == "ambiguous" and axis_hint is None
+                      and not any(o.axis in ("in", "out") for o in dora)],
         tucker_dora=[m for m in dora if m.spec.tucker],
         any_mid=[m for m in modules if m.spec.tucker],
         alpha_not_rank_dora=[m for m in dora if m.spec.alpha != m.spec.rank],
@@ -229,17 +233,18 @@ def _common(f: FileFacts, loader: str) -> list[_Issue]:
 
 def _comfy_like(f: FileFacts, name: str) -> tuple[list[_Issue], list[str]]:
     issues, notes = [], []
+    node = " or, in ComfyUI, load it with the DoRA Loader node (dora_network, exact)" if name == "ComfyUI" else ""
     if f.out_axis:
         measured = "" if f.comfy_error is None else (
             f"; measured on the given base model: up to {100 * f.comfy_error:.2g}% of the update")
         issues.append(("approximate",
                        f"{len(f.out_axis)} out-axis DoRA modules: {name} divides by ||W0|| instead of ||W0 + dW|| "
                        f"(ComfyUI PR #15458 open), the error grows with training{measured}; fix: train in-axis "
-                       f"(wd_on_out=False) or dora-convert --to_axis in"))
+                       f"(wd_on_out=False) or dora-convert --to_axis in{node}"))
     if f.scale_1d:
         issues.append(("wrong", f"{len(f.scale_1d)} modules with a 1-D dora_scale: the axis is guessed from shape[0] "
                                 f"and broadcast to (out, out); square layers come out silently wrong, the others "
-                                f"error and are skipped; fix: dora-convert --dora_scale_2d"))
+                                f"error and are skipped; fix: dora-convert --dora_scale_2d{node}"))
     issues += _short_te(f, f.total)
     if f.dora and name == "ComfyUI":
         notes.append("the bypass loader (LoraLoaderBypass) ignores dora_scale; use the regular LoRA loader")
@@ -333,12 +338,12 @@ def _diffusers(f: FileFacts) -> tuple[list[_Issue], list[str]]:
 
 
 def _helper(f: FileFacts) -> tuple[list[_Issue], list[str]]:
+    """Our diffusers helper and our ComfyUI node: every layout exact, but a 1-D scale on a square layer is guessed."""
     issues: list[_Issue] = []
     if f.ambiguous_in:
-        known = f.axis_hint == "in"
-        issues.append(("wrong", f"{len(f.ambiguous_in)} square layers with a 1-D dora_scale are read as out-axis "
-                                f"(PEFT's convention), {'but this file is in-axis' if known else 'wrong if the file is in-axis'}; "
-                                f"fix: dora-convert --dora_scale_2d"))
+        issues.append(("wrong", f"{len(f.ambiguous_in)} square layers with a 1-D dora_scale and nothing in the file "
+                                f"telling their axis are read as out-axis (PEFT's convention): wrong if the file is "
+                                f"in-axis; fix: dora-convert --dora_scale_2d --axis in|out"))
     return issues, []
 
 
@@ -365,6 +370,7 @@ def judge(f: FileFacts) -> dict[str, LoaderVerdict]:
     """Loader -> :class:`LoaderVerdict`, in :data:`LOADERS` order."""
     rules: dict[str, Callable[[], tuple[list[_Issue], list[str]]]] = {
         "ComfyUI": lambda: _comfy_like(f, "ComfyUI"),
+        "ComfyUI + DoRA Loader node": lambda: _helper(f),  # the same loader code (loading.match_file) as the helper
         "Forge": lambda: _comfy_like(f, "Forge"),
         "A1111": lambda: _a1111(f),
         "InvokeAI": lambda: _invokeai(f),
