@@ -16,6 +16,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -81,7 +82,8 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float) -> t
     raise ValueError(f"unknown shape '{shape}'; known: {', '.join(SHAPES)}")
 
 
-def synthetic_examples(count: int, resolution: int, seed: int) -> list[Example]:
+def synthetic_examples(count: int, resolution: int, seed: int, shapes: Sequence[str] = SHAPES,
+                       colors: Sequence[str] | None = None) -> list[Example]:
     """Draw ``count`` captioned images of coloured shapes, deterministically from ``seed``.
 
     Shapes, colours, positions and sizes come from a private ``torch.Generator``, so the global RNG is untouched.
@@ -91,6 +93,8 @@ def synthetic_examples(count: int, resolution: int, seed: int) -> list[Example]:
         count: number of images (>= 1).
         resolution: side of the square images in pixels.
         seed: the data seed.
+        shapes: the shapes to draw from (default: all of :data:`SHAPES`).
+        colors: the colours to draw from, for shapes and backgrounds (default: all of :data:`COLORS`; at least two).
 
     Returns:
         The examples, in a fixed order.
@@ -101,11 +105,15 @@ def synthetic_examples(count: int, resolution: int, seed: int) -> list[Example]:
     if count < 1 or resolution < 1:
         raise ValueError(f"synthetic data needs count >= 1 and resolution >= 1, got count={count}, "
                          f"resolution={resolution}")
+    unknown = sorted(set(shapes) - set(SHAPES)) + sorted(set(colors or ()) - set(COLORS))
+    if unknown or not shapes or (colors is not None and len(set(colors)) < 2):
+        raise ValueError(f"unknown or empty shapes/colours {unknown}; known shapes: {', '.join(SHAPES)}; colours: "
+                         f"{', '.join(COLORS)}")
     rng = torch.Generator().manual_seed(int(seed))
-    names = list(COLORS)
+    names = list(COLORS) if colors is None else [n for n in COLORS if n in colors]
     examples: list[Example] = []
     for _ in range(count):
-        shape = SHAPES[int(torch.randint(len(SHAPES), (), generator=rng))]
+        shape = shapes[int(torch.randint(len(shapes), (), generator=rng))]
         fg_index = int(torch.randint(len(names), (), generator=rng))
         bg_index = (fg_index + 1 + int(torch.randint(len(names) - 1, (), generator=rng))) % len(names)
         fg, bg = names[fg_index], names[bg_index]
