@@ -9,8 +9,9 @@ Plain autograd of DoRA's activation-space forward keeps one extra activation per
   with dU = g^T h the gradient of U it computes anyway (c_b is one number per output channel, ~1).
 - in-axis convolution, ``y = conv(x * c_b, W0) + conv(x, A * c)``: the base convolution keeps its input
   ``x * c_b``, a second copy of ``x``, and the ``lora_down`` one keeps the folded weight ``A * c``.
-  :class:`ScaledInputConv` keeps ``x``, ``c`` and the unscaled weight and re-forms the rest in backward. (An in-axis
-  Linear needs nothing: ``linear`` keeps no input when its weight is frozen, and ``A * c`` is r x in.)
+  :class:`ScaledInputConv` and :class:`FoldedScaleConv` keep ``x``, ``c`` and the unscaled weight and re-form the
+  rest in backward. (An in-axis Linear needs nothing: ``linear`` keeps no input when its weight is frozen, and
+  ``A * c`` is r x in.)
 
 Both compute in the output's dtype (bf16/fp16 under autocast, as autocast would), accumulate the per-channel sums
 in float32, and give gradients equal to autograd of the plain forward (tests/test_gradients.py, float64).
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OutAxisCombine", "ScaledInputConv", "out_axis_combine"]
+__all__ = ["FoldedScaleConv", "OutAxisCombine", "ScaledInputConv", "folded_weight", "out_axis_combine"]
 
 
 def _per_channel(t: torch.Tensor, conv: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -122,8 +123,8 @@ class OutAxisCombine(torch.autograd.Function):
 class ScaledInputConv(torch.autograd.Function):
     """``conv2d(x * c, W, b)`` (zero padding) keeping only ``x``, ``c`` and ``W``; ``x * c`` is re-formed in backward.
 
-    Used for both convolutions of an in-axis adapter: the frozen base (``c`` = c_b) and ``lora_down`` (``c`` = the
-    DoRA factor), which then share the one saved ``x``.
+    For an in-axis adapter's frozen base convolution (``c`` = c_b): folding c into W0 would form a weight-sized
+    tensor, so the input is scaled, and ``x`` is the one activation kept (shared with the ``lora_down`` path).
     """
 
     @staticmethod
@@ -155,3 +156,40 @@ class ScaledInputConv(torch.autograd.Function):
         if need_bias and ctx.has_bias:
             grad_bias = grad.sum(dim=(0, 2, 3), dtype=_acc(grad))
         return grad_x, grad_c, grad_weight, grad_bias, None, None, None, None
+
+
+def folded_weight(weight: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``weight * c`` with one factor per input channel (dim 1): the folded ``lora_down`` weight (r, in[, kh, kw])."""
+    return weight * c.reshape((1, -1) + (1,) * (weight.dim() - 2)).to(weight.dtype)
+
+
+class FoldedScaleConv(torch.autograd.Function):
+    """``conv2d(x, A * c)`` (zero padding, no bias) keeping ``x``, ``c`` and ``A``; ``A * c`` is re-formed in backward.
+
+    For an in-axis adapter's ``lora_down`` convolution: the scale is folded into the small (r, in, kh, kw) weight, as
+    the no-grad path does (same numbers), and the folded weight, which plain autograd would keep, is not kept.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor, stride: Any, padding: Any,
+                dilation: Any, groups: int) -> torch.Tensor:
+        ctx.geometry = (stride, padding, dilation, groups)
+        ctx.save_for_backward(x, c, weight)
+        return F.conv2d(x, folded_weight(weight, c), None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, c, weight = ctx.saved_tensors
+        need_x, need_c, need_weight = ctx.needs_input_grad[:3]
+        folded = folded_weight(weight, c)
+        grad_x = grad_c = grad_weight = None
+        if need_x:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, folded.to(grad.dtype), grad, *ctx.geometry).to(x.dtype)
+        if need_c or need_weight:
+            grad_folded = torch.nn.grad.conv2d_weight(x.to(grad.dtype), folded.shape, grad, *ctx.geometry)
+            grad_folded = grad_folded.to(_acc(grad_folded))
+            if need_weight:
+                grad_weight = folded_weight(grad_folded, c).to(weight.dtype)
+            if need_c:
+                grad_c = (grad_folded * weight.to(grad_folded.dtype)).sum(dim=(0, 2, 3)).reshape(c.shape).to(c.dtype)
+        return grad_x, grad_c, grad_weight, None, None, None, None

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as DF
-from .autograd_ops import OutAxisCombine, ScaledInputConv, out_axis_combine
+from .autograd_ops import FoldedScaleConv, OutAxisCombine, ScaledInputConv, folded_weight, out_axis_combine
 from .keys import ModuleSpec
 
 __all__ = ["DoRAModule", "layer_kind"]
@@ -329,10 +329,9 @@ class DoRAModule(nn.Module):
             hidden = self.lora_down(x)
         elif self.kind != "linear" and self.lora_down.padding_mode == "zeros" and torch.is_grad_enabled():
             d = self.lora_down
-            hidden = ScaledInputConv.apply(x, down_scale, d.weight, None, d.stride, d.padding, d.dilation, d.groups)
+            hidden = FoldedScaleConv.apply(x, down_scale, d.weight, d.stride, d.padding, d.dilation, d.groups)
         else:
-            down = self.lora_down.weight
-            down = down * down_scale.reshape((1, -1) + (1,) * (down.dim() - 2)).to(down.dtype)
+            down = folded_weight(self.lora_down.weight, down_scale)
             hidden = F.linear(x, down) if self.kind == "linear" else self.lora_down._conv_forward(x, down, None)
         if self.training and self.dropout:
             hidden = F.dropout(hidden, p=self.dropout)

@@ -242,3 +242,17 @@ def test_scale_follows_every_change_of_the_alpha_buffer():
         adapter.alpha.fill_(1.0)
         expected = run_with_weight(base, x, adapter.merged_weight())
     torch.testing.assert_close(base(x), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("wd_on_out", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_forward_equals_no_grad_forward_bit_for_bit(kind, wd_on_out, dtype):
+    """Gradient checkpointing runs the no-grad path first and the autograd path in backward: same numbers."""
+    base, adapter = make_adapter(kind, wd_on_out)
+    base.to(dtype)
+    adapter.to(dtype)
+    x = make_input(kind, dtype).requires_grad_(True)
+    with torch.no_grad():
+        plain = base(x)
+    assert torch.equal(base(x), plain)
