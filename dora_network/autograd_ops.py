@@ -9,9 +9,10 @@ Plain autograd of DoRA's activation-space forward keeps one extra activation per
   with dU = g^T h the gradient of U it computes anyway (c_b is one number per output channel, ~1).
 - in-axis convolution, ``y = conv(x * c_b, W0) + conv(x, A * c)``: the base convolution keeps its input
   ``x * c_b``, a second copy of ``x``, and the ``lora_down`` one keeps the folded weight ``A * c``.
-  :class:`ScaledInputConv` and :class:`FoldedScaleConv` keep ``x``, ``c`` and the unscaled weight and re-form the
-  rest in backward. (An in-axis Linear needs nothing: ``linear`` keeps no input when its weight is frozen, and
-  ``A * c`` is r x in.)
+  :class:`ScaledInputBase` and :class:`FoldedScaleConv` keep ``x``, ``c`` and the unscaled weight and re-form the
+  rest in backward. An in-axis Linear keeps nothing more (``linear`` keeps no input when its weight is frozen, and
+  ``A * c`` is r x in), but goes through :class:`ScaledInputBase` too: one activation-sized allocation fewer in
+  backward, and each allocation costs page faults on CPU (glibc hands large blocks back to the OS).
 
 Both compute in the output's dtype (bf16/fp16 under autocast, as autocast would), accumulate the per-channel sums
 in float32, and give gradients equal to autograd of the plain forward (tests/test_gradients.py, float64).
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FoldedScaleConv", "OutAxisCombine", "ScaledInputConv", "folded_weight", "out_axis_combine"]
+__all__ = ["FoldedScaleConv", "OutAxisCombine", "ScaledInputBase", "folded_weight", "out_axis_combine"]
 
 
 def _per_channel(t: torch.Tensor, conv: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -90,8 +91,6 @@ class OutAxisCombine(torch.autograd.Function):
         u = up.to(dtype)
         h = hidden.to(dtype)
         grad_out = grad_c = grad_hidden = grad_up = grad_bias = None
-        if need_out:
-            grad_out = (grad * _per_channel(c_base, conv, dtype)).to(out_dtype)
         if need_hidden:
             grad_hidden = (F.conv2d(grad, u.transpose(0, 1)) if conv else grad @ u).to(hidden_dtype)
         gu = None
@@ -104,58 +103,65 @@ class OutAxisCombine(torch.autograd.Function):
             grad_up = gu.to(up_dtype)
         if need_c or need_bias:
             grad_sum = _channel_sum(grad, conv)
+        buffer = None  # one activation-sized temporary, reused for grad_out (each allocation costs page faults)
         if need_c:
             # sum_t g * (out - b) = (sum_t g * y - b * sum_t g - sum_t g * (U h)) / c_b
             acc = _acc(y)
             lowrank_term = (u.to(acc) * gu.to(acc)).reshape(u.shape[0], -1).sum(1)
-            numerator = _channel_sum(grad * y, conv) - lowrank_term
+            buffer = torch.mul(grad, y)
+            numerator = _channel_sum(buffer, conv) - lowrank_term
             if ctx.has_bias:
                 numerator = numerator - bias.to(acc) * grad_sum
             c = c_base.reshape(-1).to(acc)
             safe = torch.where(c == 0, torch.ones_like(c), c)
             # a zero factor leaves nothing of the base output in y: its gradient is taken as 0 there
             grad_c = torch.where(c == 0, torch.zeros_like(c), numerator / safe).reshape(c_base.shape).to(c_dtype)
+        if need_out:
+            factor = _per_channel(c_base, conv, dtype)
+            grad_out = torch.mul(grad, factor, out=buffer) if buffer is not None else grad * factor
+            grad_out = grad_out.to(out_dtype)
         if need_bias and ctx.has_bias:
             grad_bias = (grad_sum * (1.0 - c_base.reshape(-1).to(grad_sum.dtype))).to(bias.dtype)
         return grad_out, grad_c, grad_hidden, grad_up, grad_bias
 
 
-class ScaledInputConv(torch.autograd.Function):
-    """``conv2d(x * c, W, b)`` (zero padding) keeping only ``x``, ``c`` and ``W``; ``x * c`` is re-formed in backward.
+class ScaledInputBase(torch.autograd.Function):
+    """``linear(x * c, W0, b)`` or ``conv2d(x * c, W0, b, ...)`` for a frozen base, keeping only ``x``, ``c``, ``W0``.
 
-    For an in-axis adapter's frozen base convolution (``c`` = c_b): folding c into W0 would form a weight-sized
-    tensor, so the input is scaled, and ``x`` is the one activation kept (shared with the ``lora_down`` path).
+    For an in-axis adapter's base layer (``c`` = c_b): folding c into W0 would form a weight-sized tensor, so the
+    input is scaled. A convolution would keep ``x * c`` (a second copy of ``x``); a Linear keeps nothing, but plain
+    autograd's backward of ``x * c`` allocates two activation-sized products where this needs one: the input
+    gradient is scaled in place after the magnitude's reduction. ``geometry`` is None for Linear, else
+    (stride, padding, dilation, groups) of a zero-padded convolution.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                stride: Any, padding: Any, dilation: Any, groups: int) -> torch.Tensor:
-        scaled = x * _per_channel(c, True, x.dtype)
-        out = F.conv2d(scaled, weight, bias, stride, padding, dilation, groups)  # autocast applies as to the base
-        ctx.geometry = (stride, padding, dilation, groups)
-        ctx.has_bias = bias is not None
+                geometry: tuple | None) -> torch.Tensor:
+        conv = geometry is not None
+        scaled = x * _per_channel(c, conv, x.dtype)
+        # autocast applies as it does to the base layer's own forward
+        out = F.conv2d(scaled, weight, bias, *geometry) if conv else F.linear(scaled, weight, bias)
+        ctx.geometry = geometry
         ctx.save_for_backward(x, c, weight)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, c, weight = ctx.saved_tensors
-        need_x, need_c, need_weight, need_bias = ctx.needs_input_grad[:4]
-        grad_x = grad_c = grad_weight = grad_bias = None
-        if need_x or need_c:
-            # the gradient of the convolution's input (x * c), in the dtype the forward ran in
-            grad_scaled = torch.nn.grad.conv2d_input(x.shape, weight.to(grad.dtype), grad, *ctx.geometry)
-            if need_x:
-                grad_x = (grad_scaled * _per_channel(c, True, grad_scaled.dtype)).to(x.dtype)
-            if need_c:
-                grad_c = (grad_scaled * x.to(grad_scaled.dtype)).sum(dim=(0, 2, 3), dtype=_acc(grad_scaled))
-                grad_c = grad_c.reshape(c.shape).to(c.dtype)
-        if need_weight:
-            scaled = (x * _per_channel(c, True, x.dtype)).to(grad.dtype)
-            grad_weight = torch.nn.grad.conv2d_weight(scaled, weight.shape, grad, *ctx.geometry).to(weight.dtype)
-        if need_bias and ctx.has_bias:
-            grad_bias = grad.sum(dim=(0, 2, 3), dtype=_acc(grad))
-        return grad_x, grad_c, grad_weight, grad_bias, None, None, None, None
+        conv = ctx.geometry is not None
+        need_x, need_c = ctx.needs_input_grad[:2]
+        grad_x = grad_c = None
+        # the gradient of the base layer's input (x * c), in the dtype the forward ran in
+        w = weight.to(grad.dtype)
+        grad_scaled = torch.nn.grad.conv2d_input(x.shape, w, grad, *ctx.geometry) if conv else grad @ w
+        if need_c:
+            dims = (0, 2, 3) if conv else tuple(range(grad_scaled.dim() - 1))
+            grad_c = (grad_scaled * x.to(grad_scaled.dtype)).sum(dim=dims, dtype=_acc(grad_scaled))
+            grad_c = grad_c.reshape(c.shape).to(c.dtype)
+        if need_x:
+            grad_x = grad_scaled.mul_(_per_channel(c, conv, grad_scaled.dtype)).to(x.dtype)
+        return grad_x, grad_c, None, None, None
 
 
 def folded_weight(weight: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as DF
-from .autograd_ops import FoldedScaleConv, OutAxisCombine, ScaledInputConv, folded_weight, out_axis_combine
+from .autograd_ops import FoldedScaleConv, OutAxisCombine, ScaledInputBase, folded_weight, out_axis_combine
 from .keys import ModuleSpec
 
 __all__ = ["DoRAModule", "layer_kind"]
@@ -323,11 +323,12 @@ class DoRAModule(nn.Module):
 
         ``down_scale`` (one factor per input channel) is folded into the (r, in) ``lora_down`` weight, so the
         scaled input is never formed for this path and autograd keeps only ``x``, which LoRA keeps too. A
-        convolution's (r, in, k, k) folded weight would be kept as well: it goes through ScaledInputConv instead.
+        convolution's (r, in, k, k) folded weight would be kept as well: it goes through FoldedScaleConv instead.
         """
         if down_scale is None:
             hidden = self.lora_down(x)
-        elif self.kind != "linear" and self.lora_down.padding_mode == "zeros" and torch.is_grad_enabled():
+        elif (self.kind != "linear" and self.lora_down.padding_mode == "zeros" and torch.is_grad_enabled()
+              and not isinstance(self.lora_down.padding, str)):
             d = self.lora_down
             hidden = FoldedScaleConv.apply(x, down_scale, d.weight, d.stride, d.padding, d.dilation, d.groups)
         else:
@@ -362,15 +363,18 @@ class DoRAModule(nn.Module):
     def _scaled_input_base(self, x: torch.Tensor, c_base: torch.Tensor) -> torch.Tensor:
         """base(x * c_b), keeping for backward only what LoRA keeps (``x``, shared with the ``lora_down`` path).
 
-        A Linear with a frozen weight keeps no input, so plain autograd does it; a convolution keeps its input,
-        so a plain nn.Conv2d goes through :class:`~dora_network.autograd_ops.ScaledInputConv`.
+        A plain, frozen nn.Linear / zero-padded nn.Conv2d whose forward nobody else patched goes through
+        :class:`~dora_network.autograd_ops.ScaledInputBase`; anything else through its own forward and autograd.
         """
         base = self.base_layer
-        plain_conv = (self.kind != "linear" and not self._had_instance_forward and type(base) is nn.Conv2d
-                      and base.padding_mode == "zeros" and not base.weight.requires_grad)
-        if plain_conv and torch.is_grad_enabled() and (x.requires_grad or c_base.requires_grad):
-            return ScaledInputConv.apply(x, c_base, base.weight, base.bias, base.stride, base.padding,
-                                         base.dilation, base.groups)
+        bias = getattr(base, "bias", None)
+        plain = (not self._had_instance_forward and type(base) in (nn.Linear, nn.Conv2d)
+                 and getattr(base, "padding_mode", "zeros") == "zeros" and not isinstance(getattr(base, "padding", 0), str)
+                 and not base.weight.requires_grad
+                 and (bias is None or not bias.requires_grad))
+        if plain and torch.is_grad_enabled() and (x.requires_grad or c_base.requires_grad):
+            geometry = None if self.kind == "linear" else (base.stride, base.padding, base.dilation, base.groups)
+            return ScaledInputBase.apply(x, c_base, base.weight, bias, geometry)
         return self._base_forward(x * self._channel_shape(c_base, x.dtype))
 
     def _channel_shape(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
