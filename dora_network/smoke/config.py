@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 __all__ = ["CHECKS", "DEFAULT_CONFIG", "SAVE_DTYPES", "SmokeSettings", "build_parser", "load_settings", "read_toml"]
 
-_REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+_REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smoke.toml"
 DEFAULT_CONFIG: Path | None = _REPO_CONFIG if _REPO_CONFIG.is_file() else None
 """``configs/smoke.toml`` in a checkout; None when installed without the repo (the dataclass defaults apply)."""
 
