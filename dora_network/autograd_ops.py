@@ -1,4 +1,4 @@
-"""Two autograd Functions that make DoRA keep for backward no more than LoRA keeps.
+"""Three autograd Functions that make DoRA keep for backward no more than LoRA keeps, and allocate no more.
 
 Plain autograd of DoRA's activation-space forward keeps one extra activation per layer:
 
@@ -14,8 +14,9 @@ Plain autograd of DoRA's activation-space forward keeps one extra activation per
   ``A * c`` is r x in), but goes through :class:`ScaledInputBase` too: one activation-sized allocation fewer in
   backward, and each allocation costs page faults on CPU (glibc hands large blocks back to the OS).
 
-Both compute in the output's dtype (bf16/fp16 under autocast, as autocast would), accumulate the per-channel sums
-in float32, and give gradients equal to autograd of the plain forward (tests/test_gradients.py, float64).
+Each computes in the dtype the plain forward runs in (bf16/fp16 under autocast, as autocast would), accumulates the
+per-channel sums in float32, gives the plain forward's numbers bit for bit (gradient checkpointing runs the plain
+forward first) and gradients equal to autograd of the explicit formula (tests/test_gradients.py, float64).
 """
 
 from __future__ import annotations
