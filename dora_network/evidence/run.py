@@ -124,6 +124,11 @@ def _summarize(rows: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"method": method, "label": LABELS[method], "rank": rank, "seeds": len(items)}
         for name in ("concept_loss", "forgetting", "slope", "correlation"):
             entry[name], entry[f"{name}_sd"] = _mean_sd([r[name] for r in items])
+        # same seed = same batches, noise and timesteps: the paired difference is free of seed-to-seed spread
+        lora = {r["seed"]: r["concept_loss"] for r in groups.get(("lora", rank), [])}
+        paired = [r["concept_loss"] - lora[r["seed"]] for r in items if r["seed"] in lora]
+        entry["vs_lora"], entry["vs_lora_sd"] = _mean_sd(paired) if method not in ("lora", "ft") else (math.nan,
+                                                                                                       math.nan)
         out.append(entry)
     order = {m: i for i, m in enumerate(METHODS)}
     return sorted(out, key=lambda e: (order[e["method"]], e["rank"] or 0))
@@ -135,17 +140,25 @@ def render_table(result: dict[str, Any]) -> str:
     lines = [f"Held-out concept loss (lower is better; before fine-tuning {result['before_finetune']['concept']:.4f}) "
              f"and forgetting (base-domain loss after minus before, {result['before_finetune']['base']:.4f} before); "
              f"mean ± sd over {len(plan['seeds'])} seeds; {plan['settings']['finetune_steps']} steps each.", "",
-             "| method | rank | trainable | held-out loss | forgetting | corr(ΔD, ΔM) | slope ΔD/ΔM | paper corr |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | rank | trainable | held-out loss | vs LoRA, same seed (x1e-5) | forgetting | corr(ΔD, ΔM) "
+             "| slope ΔD/ΔM | paper corr |",
+             "|---|---|---|---|---|---|---|---|---|"]
     trainable = {(r["method"], r["rank"]): r["trainable"] for r in result["rows"]}
     for e in result["summary"]:
         paper = PAPER_CORRELATION.get(e["label"].split(" ")[0])
         lines.append(
             f"| {e['label']} | {e['rank'] or 'full'} | {trainable[(e['method'], e['rank'])]:,} | "
-            f"{e['concept_loss']:.4f} ± {e['concept_loss_sd']:.4f} | {e['forgetting']:+.4f} ± {e['forgetting_sd']:.4f} | "
+            f"{e['concept_loss']:.5f} ± {e['concept_loss_sd']:.5f} | {_paired(e)} | "
+            f"{e['forgetting']:+.5f} ± {e['forgetting_sd']:.5f} | "
             f"{e['correlation']:+.2f} ± {e['correlation_sd']:.2f} | {e['slope']:+.3g} | "
             f"{'-' if paper is None else f'{paper:+.2f}'} |")
     return "\n".join(lines) + "\n"
+
+
+def _paired(entry: dict[str, Any]) -> str:
+    if math.isnan(entry.get("vs_lora", math.nan)):
+        return "-"
+    return f"{entry['vs_lora'] * 1e5:+.2f} ± {entry['vs_lora_sd'] * 1e5:.2f}"
 
 
 def plot_fig2(analyses: dict[str, MethodAnalysis], path: Path, rank: int) -> None:

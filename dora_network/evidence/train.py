@@ -40,7 +40,7 @@ class Settings:
     batch_size: int = 8
     pretrain_steps: int = 600
     pretrain_lr: float = 5e-4
-    finetune_steps: int = 100
+    finetune_steps: int = 80
     ft_lr: float = 1e-4
     adapter_lr: float = 1e-3
     checkpoints: int = 4
