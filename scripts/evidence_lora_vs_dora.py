@@ -7,7 +7,7 @@ DoRA in-axis and DoRA out-axis at several ranks and seeds, identical settings ot
 slope of dD on dM of the query matrices over checkpoints (paper: FT -0.62, LoRA +0.83, DoRA -0.31), a figure laid
 out like the paper's figure 2 (evidence_fig2.png) and evidence.json.
 
-    python scripts/evidence_lora_vs_dora.py            # the full run, ~20 min on 2 CPU cores (+ pretraining once)
+    python scripts/evidence_lora_vs_dora.py            # the full run, ~25 min on 2 CPU cores (+ 4 min pretraining, once)
     python scripts/evidence_lora_vs_dora.py --quick    # a few minutes
 """
 

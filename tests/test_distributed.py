@@ -79,6 +79,10 @@ def _worker(rank: int, port: int, kwargs: dict, checkpoint: bool, out: str) -> N
     digest = hashlib.sha256(b"".join(v.detach().numpy().tobytes() for _, v in sorted(network.state_dict().items())))
     with open(f"{out}.{rank}", "w") as handle:
         handle.write(digest.hexdigest())
+    # both ranks done, then the DDP reducer (it holds gloo work) goes before its process group: tearing the group
+    # down under a live reducer can abort the process at exit ("terminate called without an active exception")
+    dist.barrier()
+    del wrapped
     dist.destroy_process_group()
 
 

@@ -113,3 +113,21 @@ def test_run_writes_table_figure_and_json(tmp_path):
     again = run_evidence(plan, tmp_path / "out2", tmp_path / "cache", progress=False)
     assert again["base"]["cached"] and again["eval_set_digests"] == result["eval_set_digests"]
     assert [r["concept_loss"] for r in again["rows"]] == [r["concept_loss"] for r in result["rows"]]  # deterministic
+
+
+def test_vs_lora_is_the_same_seed_difference():
+    from dora_network.evidence.run import _summarize, render_table
+
+    rows = [{"method": m, "rank": r, "seed": sd, "concept_loss": loss, "forgetting": 0.0, "slope": 1.0,
+             "correlation": 0.5, "trainable": 10}
+            for m, r, sd, loss in [("ft", None, 0, 0.5), ("ft", None, 1, 0.4), ("lora", 2, 0, 0.30),
+                                   ("lora", 2, 1, 0.10), ("dora_in", 2, 0, 0.29), ("dora_in", 2, 1, 0.07)]]
+    summary = {(e["method"], e["rank"]): e for e in _summarize(rows, None)}
+    assert summary[("dora_in", 2)]["vs_lora"] == pytest.approx(-0.02)  # mean of -0.01 and -0.03
+    # the spread of the per-seed differences (0.014), not the seeds' own spread (0.16)
+    assert summary[("dora_in", 2)]["vs_lora_sd"] == pytest.approx(math.sqrt(2) * 0.01)
+    assert math.isnan(summary[("lora", 2)]["vs_lora"]) and math.isnan(summary[("ft", None)]["vs_lora"])
+    table = render_table({"plan": {"seeds": [0, 1], "settings": {"finetune_steps": 4}},
+                          "before_finetune": {"concept": 0.6, "base": 0.5}, "rows": rows,
+                          "summary": _summarize(rows, None)})
+    assert "| -2000.00 ± 1414.21 |" in table
