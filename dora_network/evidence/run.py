@@ -125,10 +125,9 @@ def _summarize(rows: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
         for name in ("concept_loss", "forgetting", "slope", "correlation"):
             entry[name], entry[f"{name}_sd"] = _mean_sd([r[name] for r in items])
         # same seed = same batches, noise and timesteps: the paired difference is free of seed-to-seed spread
-        lora = {r["seed"]: r["concept_loss"] for r in groups.get(("lora", rank), [])}
-        paired = [r["concept_loss"] - lora[r["seed"]] for r in items if r["seed"] in lora]
-        entry["vs_lora"], entry["vs_lora_sd"] = _mean_sd(paired) if method not in ("lora", "ft") else (math.nan,
-                                                                                                       math.nan)
+        lora = {r["seed"]: r["concept_loss"] for r in groups.get(("lora", rank), []) if method not in ("lora", "ft")}
+        entry["vs_lora"], entry["vs_lora_sd"] = _mean_sd([r["concept_loss"] - lora[r["seed"]] for r in items
+                                                          if r["seed"] in lora])
         out.append(entry)
     order = {m: i for i, m in enumerate(METHODS)}
     return sorted(out, key=lambda e: (order[e["method"]], e["rank"] or 0))
