@@ -26,10 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FoldedScaleConv", "OutAxisCombine", "ScaledInputBase", "folded_weight", "out_axis_combine"]
+__all__ = ["FoldedScaleConv", "OutAxisCombine", "ScaledInputBase", "folded_weight", "out_axis_combine", "per_channel"]
 
 
-def _per_channel(t: torch.Tensor, conv: bool, dtype: torch.dtype) -> torch.Tensor:
+def per_channel(t: torch.Tensor, conv: bool, dtype: torch.dtype) -> torch.Tensor:
     """A (C,) factor shaped to broadcast over activations: channels last for Linear, (1, C, 1, 1) for conv."""
     flat = t.reshape(-1).to(dtype)
     return flat.reshape(1, -1, 1, 1) if conv else flat
@@ -65,7 +65,7 @@ def out_axis_combine(out: torch.Tensor, c_base: torch.Tensor, hidden: torch.Tens
         shift = None if shift is None else shift.to(dtype)
         hidden, up = hidden.to(dtype), up.to(dtype)
         lowrank = F.conv2d(hidden, up, shift) if conv else F.linear(hidden, up, shift)
-        return torch.addcmul(lowrank, out, _per_channel(c_base, conv, dtype))
+        return torch.addcmul(lowrank, out, per_channel(c_base, conv, dtype))
 
 
 class OutAxisCombine(torch.autograd.Function):
@@ -118,7 +118,7 @@ class OutAxisCombine(torch.autograd.Function):
             # a zero factor leaves nothing of the base output in y: its gradient is taken as 0 there
             grad_c = torch.where(c == 0, torch.zeros_like(c), numerator / safe).reshape(c_base.shape).to(c_dtype)
         if need_out:
-            factor = _per_channel(c_base, conv, dtype)
+            factor = per_channel(c_base, conv, dtype)
             grad_out = torch.mul(grad, factor, out=buffer) if buffer is not None else grad * factor
             grad_out = grad_out.to(out_dtype)
         if need_bias and ctx.has_bias:
@@ -140,7 +140,7 @@ class ScaledInputBase(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 geometry: tuple | None) -> torch.Tensor:
         conv = geometry is not None
-        scaled = x * _per_channel(c, conv, x.dtype)
+        scaled = x * per_channel(c, conv, x.dtype)
         # autocast applies as it does to the base layer's own forward
         out = F.conv2d(scaled, weight, bias, *geometry) if conv else F.linear(scaled, weight, bias)
         ctx.geometry = geometry
@@ -161,7 +161,7 @@ class ScaledInputBase(torch.autograd.Function):
             grad_c = (grad_scaled * x.to(grad_scaled.dtype)).sum(dim=dims, dtype=_acc(grad_scaled))
             grad_c = grad_c.reshape(c.shape).to(c.dtype)
         if need_x:
-            grad_x = grad_scaled.mul_(_per_channel(c, conv, grad_scaled.dtype)).to(x.dtype)
+            grad_x = grad_scaled.mul_(per_channel(c, conv, grad_scaled.dtype)).to(x.dtype)
         return grad_x, grad_c, None, None, None
 
 

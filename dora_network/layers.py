@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as DF
-from .autograd_ops import FoldedScaleConv, OutAxisCombine, ScaledInputBase, folded_weight, out_axis_combine
+from .autograd_ops import (FoldedScaleConv, OutAxisCombine, ScaledInputBase, folded_weight, out_axis_combine,
+                           per_channel)
 from .keys import ModuleSpec
 
 __all__ = ["DoRAModule", "layer_kind"]
@@ -375,12 +376,7 @@ class DoRAModule(nn.Module):
         if plain and torch.is_grad_enabled() and (x.requires_grad or c_base.requires_grad):
             geometry = None if self.kind == "linear" else (base.stride, base.padding, base.dilation, base.groups)
             return ScaledInputBase.apply(x, c_base, base.weight, bias, geometry)
-        return self._base_forward(x * self._channel_shape(c_base, x.dtype))
-
-    def _channel_shape(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Reshape a ``dora_scale``-shaped factor to broadcast over activations (channels last for Linear)."""
-        flat = scale.reshape(-1).to(dtype)
-        return flat if self.kind == "linear" else flat.reshape(1, -1, 1, 1)
+        return self._base_forward(x * per_channel(c_base, self.kind != "linear", x.dtype))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         mu = self.multiplier
