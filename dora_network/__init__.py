@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .args import NetworkArgs, parse_network_args
+from .families import detect_family
 from .io import load_file
 from .keys import axis_from_metadata
 from .layers import DoRAModule
@@ -51,19 +52,23 @@ def create_network(
         network_dim: ``--network_dim``; None means 4.
         network_alpha: ``--network_alpha``; None or 0 means alpha = rank.
         vae: unused (sd-scripts passes it).
-        text_encoder: one module, a list ``[te1, te2]``, or None/empty.
-        unet: the UNet, or sd-scripts' gen-script wrapper with ``.delegate``.
+        text_encoder: one module, or the trainer's list (``[te1, te2]`` SDXL, ``[clip_l, t5xxl]`` FLUX,
+            ``[qwen3]`` Anima; None entries keep their position), or None/empty.
+        unet: the UNet or DiT, or sd-scripts' gen-script wrapper with ``.delegate``.
         neuron_dropout: ``--network_dropout``.
-        **kwargs: ``--network_args`` (string values); see README for every key.
+        **kwargs: ``--network_args`` (string values); see README for every key, common and per family.
 
     Returns:
         The network; call ``apply_to`` before training.
 
     Raises:
-        ValueError: a bad or unknown ``network_args`` key, or a model with no layer to adapt.
+        ValueError: a model of no known family, a bad or unknown ``network_args`` key (or one of another
+            family), or options that leave no layer to adapt.
     """
-    args = parse_network_args(network_dim, network_alpha, neuron_dropout, **kwargs)
-    return DoRANetwork(normalize_text_encoders(text_encoder), unwrap_unet(unet), args, multiplier=float(multiplier))
+    text_encoders, real_unet = normalize_text_encoders(text_encoder), unwrap_unet(unet)
+    family = detect_family(real_unet, text_encoders)
+    args = parse_network_args(network_dim, network_alpha, neuron_dropout, family=family, **kwargs)
+    return DoRANetwork(text_encoders, real_unet, args, multiplier=float(multiplier), family=family)
 
 
 def create_network_from_weights(
@@ -104,16 +109,21 @@ def create_network_from_weights(
         if file is None:
             raise ValueError("create_network_from_weights needs a file or weights_sd")
         weights_sd, metadata = load_file(file)
-    structural = {"algo", "conv_dim", "conv_alpha", "wd_on_out", "wd_on_output", "dora_wd", "use_tucker", "preset"}
+    text_encoders = normalize_text_encoders(text_encoder)
+    real_unet = unwrap_unet(unet)
+    family = detect_family(real_unet, text_encoders)
+    # which layers, ranks and kinds: all from the file (the family's layer options included)
+    structural = {"algo", "conv_dim", "conv_alpha", "wd_on_out", "wd_on_output", "dora_wd", "use_tucker", "preset",
+                  "network_reg_dims", *family.options}
     ignored = sorted(k for k in kwargs if k.lower() in structural)
     if ignored:
         logger.info("create_network_from_weights: %s taken from the file, not from network_args", ignored)
-    args = parse_network_args(None, None, None, **{k: v for k, v in kwargs.items() if k.lower() not in structural})
-    text_encoders = normalize_text_encoders(text_encoder)
-    real_unet = unwrap_unet(unet)
+    args = parse_network_args(None, None, None, family=family,
+                              **{k: v for k, v in kwargs.items() if k.lower() not in structural})
     probe = DoRANetwork.match_targets(text_encoders, real_unet, weights_sd, axis_from_metadata(metadata),
-                                      allow_partial=args.allow_partial_load)
-    network = DoRANetwork(text_encoders, real_unet, args, multiplier=float(multiplier), file_specs=probe.specs)
+                                      allow_partial=args.allow_partial_load, family=family)
+    network = DoRANetwork(text_encoders, real_unet, args, multiplier=float(multiplier), file_specs=probe.specs,
+                          family=family)
     network.load_state_dict(probe.state_dict, strict=False)
     if for_inference:
         network.eval()

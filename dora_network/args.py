@@ -11,22 +11,17 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
+
+from .families import FAMILIES, Family
+from .families.sd import PRESETS
+from .families.sdxl import SDXL
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PRESETS", "NetworkArgs", "parse_bool", "parse_network_args"]
-
-#: preset -> (unet scope, text encoders included). Scopes: "all" = Transformer2DModel (+ resnet/down/up blocks
-#: when conv_dim is set); "transformer" = Transformer2DModel only; "attn" = attention projections only.
-PRESETS: dict[str, tuple[str, bool]] = {
-    "full": ("all", True),
-    "attn-mlp": ("transformer", True),
-    "attn-only": ("attn", True),
-    "unet-only": ("all", False),
-    "unet-transformer-only": ("transformer", False),
-}
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -55,6 +50,10 @@ class NetworkArgs:
             for ``lora_up`` (None = off).
         allow_partial_load: load a file of which some modules name no layer of the model (they are skipped);
             by default such a file is refused, since it is usually for another base model.
+        reg_dims: ``network_reg_dims``: (regex, rank) pairs, first match wins; rank 0 skips the layer.
+        reg_lrs: ``network_reg_lrs``: (regex, learning rate) pairs, first match wins.
+        verbose: log every adapter with its rank and alpha.
+        family_options: the model family's own keys (``train_t5xxl``, ``train_blocks``, ...), parsed by the family.
     """
 
     rank: int = 4
@@ -74,6 +73,10 @@ class NetworkArgs:
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
     allow_partial_load: bool = False
+    reg_dims: tuple[tuple[str, int], ...] = ()
+    reg_lrs: tuple[tuple[str, float], ...] = ()
+    verbose: bool = False
+    family_options: Mapping[str, Any] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -165,6 +168,37 @@ def _preset(key: str, value: Any) -> str:
     return text
 
 
+def _regex_pairs(parse_value: Callable[[str, str], Any]) -> Callable[[str, Any], tuple[tuple[str, Any], ...]]:
+    """``regex=value,regex=value`` (sd-scripts' ``network_reg_dims`` / ``network_reg_lrs``), checked strictly."""
+
+    def parse(key: str, value: Any) -> tuple[tuple[str, Any], ...]:
+        pairs = []
+        for item in str(value).split(","):
+            item = item.strip()
+            if not item:
+                continue
+            pattern, sep, number = item.rpartition("=")
+            if not sep or not pattern.strip():
+                raise ValueError(f"network_args: {key}: {item!r} is not 'regex=value'; write e.g. "
+                                 f"{key}=double_blocks.*attn=8,single_blocks=4")
+            try:
+                re.compile(pattern.strip())
+            except re.error as error:
+                raise ValueError(f"network_args: {key}: {pattern.strip()!r} is not a valid regex ({error})") from None
+            pairs.append((pattern.strip(), parse_value(f"{key}[{pattern.strip()}]", number.strip())))
+        return tuple(pairs)
+
+    return parse
+
+
+def _rank_or_zero(key: str, value: Any) -> int:
+    return 0 if str(value).strip() in ("0", "0.0") else _parse_positive_int(key, value)
+
+
+def _learning_rate(key: str, value: Any) -> float:
+    return _parse_float(key, value, 0.0, math.inf, False, "1e-4")
+
+
 def _must_be_false(reason: str) -> Callable[[str, Any], bool]:
     def check(key: str, value: Any) -> bool:
         if parse_bool(key, value):
@@ -193,6 +227,9 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "loraplus_text_encoder_lr_ratio": _lr_ratio,
     "enable_conv": parse_bool,
     "allow_partial_load": parse_bool,
+    "network_reg_dims": _regex_pairs(_rank_or_zero),
+    "network_reg_lrs": _regex_pairs(_learning_rate),
+    "verbose": parse_bool,
     # LyCORIS keys that GUIs emit with harmless values; anything else is refused with the reason.
     "bypass_mode": parse_bool,
     "use_scalar": _must_be_false("use_scalar is a LyCORIS-only option; leave it out"),
@@ -228,13 +265,11 @@ _UNSUPPORTED: dict[str, str] = {
     "constraint": "it belongs to Diag-OFT/BOFT (use lycoris.kohya)",
     "rescaled": "it belongs to Diag-OFT/BOFT (use lycoris.kohya)",
     "rank_dropout_scale": "rank dropout is always rescaled by 1/(1-p)",
-    "train_t5xxl": "only SDXL/SD1.x text encoders are supported",
-    "train_llm_adapter": "only SDXL/SD1.x text encoders are supported",
 }
 
 
-def _closest(key: str) -> str:
-    candidates = list(_PARSERS) + list(_ALIASES)
+def _closest(key: str, family: Family) -> str:
+    candidates = list(_PARSERS) + list(_ALIASES) + list(family.options)
     found = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     return f" Did you mean '{found[0]}'?" if found else ""
 
@@ -243,6 +278,8 @@ def parse_network_args(
     network_dim: int | str | None = None,
     network_alpha: float | int | str | None = None,
     neuron_dropout: float | None = None,
+    *,
+    family: Family | None = None,
     **network_args: Any,
 ) -> NetworkArgs:
     """Turn sd-scripts' arguments into a :class:`NetworkArgs`.
@@ -251,6 +288,7 @@ def parse_network_args(
         network_dim: ``--network_dim`` (None means 4).
         network_alpha: ``--network_alpha`` (None or 0 means alpha = rank).
         neuron_dropout: ``--network_dropout``; a ``dropout`` in ``network_args`` takes precedence.
+        family: the model family, whose own keys are accepted too (default SDXL, whose rules SD1.x shares).
         **network_args: the ``--network_args`` dict; values are strings, or float/None for the injected
             ``dropout``.
 
@@ -260,6 +298,7 @@ def parse_network_args(
     Raises:
         ValueError: unknown key, unsupported key, bad value, or contradictory keys.
     """
+    family = family or SDXL
     rank = 4 if network_dim in (None, "None", "") else _parse_positive_int("network_dim", network_dim)
     if network_alpha in (None, "None", ""):
         alpha = float(rank)
@@ -277,14 +316,22 @@ def parse_network_args(
             key = canonical
         if key in _UNSUPPORTED:
             raise ValueError(f"network_args: '{raw_key}' is not supported by dora_network: {_UNSUPPORTED[key]}")
-        if key not in _PARSERS:
+        parser = _PARSERS.get(key) or family.options.get(key)
+        if parser is None:
+            owners = [f.title for f in FAMILIES if key in f.options]
+            if owners:
+                raise ValueError(
+                    f"network_args: '{raw_key}' is an option of {' and '.join(owners)} models; this model is "
+                    f"{family.title}. Leave it out (the {family.title} options are: "
+                    f"{', '.join(sorted(family.options)) or 'none'})"
+                )
             raise ValueError(
-                f"network_args: unknown key '{raw_key}' (value {value!r}).{_closest(key)} "
-                f"Valid keys: {', '.join(sorted(_PARSERS))}"
+                f"network_args: unknown key '{raw_key}' (value {value!r}).{_closest(key, family)} "
+                f"Valid keys: {', '.join(sorted(set(_PARSERS) | set(family.options)))}"
             )
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
             continue  # sd-scripts injects dropout=None; "None" means not set
-        new = transform(_PARSERS[key](raw_key, value))
+        new = transform(parser(raw_key, value))
         if key in parsed and parsed[key] != new:
             raise ValueError(
                 f"network_args: '{key}' is given twice with different values ({parsed[key]!r} and {new!r}); "
@@ -319,4 +366,21 @@ def parse_network_args(
         logger.warning("network_args: use_tucker=True has no effect without conv_dim (only kxk convs use Tucker)")
     if "conv_alpha" in parsed and "conv_dim" not in parsed:
         logger.warning("network_args: conv_alpha has no effect without conv_dim")
-    return NetworkArgs(rank=rank, alpha=alpha, algo=algo, raw=dict(network_args), **parsed)
+    family_options = {key: parsed.pop(key) for key in list(parsed) if key in family.options}
+    if not family.has_convs and parsed.get("conv_dim") is not None:
+        raise ValueError(
+            f"network_args: conv_dim is meaningless on {family.title}: its blocks have no kxk convolution, so it "
+            f"would train nothing. Leave conv_dim/conv_alpha out"
+        )
+    if parsed.get("preset", "full") != "full" and family.name not in ("sd", "sdxl"):
+        raise ValueError(
+            f"network_args: preset={parsed['preset']!r} describes SD/SDXL UNet layers; on {family.title} choose "
+            f"layers with {', '.join(sorted(family.options)) or 'network_reg_dims'} instead"
+        )
+    if family_options.get("split_qkv"):
+        raise ValueError(
+            "network_args: split_qkv=True is not supported yet: dora_network trains FLUX's fused qkv/linear1 as one "
+            "DoRA layer with one magnitude (what every loader applies exactly). Leave split_qkv out"
+        )
+    return NetworkArgs(rank=rank, alpha=alpha, algo=algo, raw=dict(network_args), family_options=family_options,
+                       **parsed)

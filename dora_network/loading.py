@@ -17,7 +17,6 @@ import torch
 
 from .keys import ALPHA, DORA_SCALE, ModuleSpec, group_by_module, infer_spec, normalize_dora_scale
 from .targets import Target
-from .unet_names import diffusers_to_sai, sai_to_diffusers
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +45,16 @@ class FileMatch:
 
 
 def name_aliases(targets: Sequence[Target]) -> dict[str, str]:
-    """Every other spelling of each target's name -> its canonical ``lora_name``."""
+    """Every other spelling of each target's name -> its canonical ``lora_name``.
+
+    The family gives the denoiser's (Target.aliases: SDXL's SAI/diffusers paths); CLIP text encoders are also
+    named without ``text_model.`` by tools built on transformers 5.
+    """
     aliases: dict[str, str] = {}
     for target in targets:
         prefix = target.lora_name[: target.lora_name.index("_", len("lora_"))]  # lora_unet / lora_te1 / ...
-        others: list[str | None] = []
-        if target.component == "unet":
-            others += [sai_to_diffusers(target.path), diffusers_to_sai(target.path)]
-        elif target.path.startswith("text_model."):
+        others: list[str | None] = list(target.aliases)
+        if target.component != "unet" and target.path.startswith("text_model."):
             others.append(target.path[len("text_model."):])
         for other in others:
             if other:

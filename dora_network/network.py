@@ -8,6 +8,7 @@ targets.py (which layers), loading.py (files -> layers), io.py (bytes on disk) a
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
@@ -16,7 +17,8 @@ from torch import nn
 
 from . import io as dio
 from . import merge, step_hooks
-from .args import PRESETS, NetworkArgs
+from .args import NetworkArgs
+from .families import Family, detect_family
 from .keys import ModuleSpec, axis_from_metadata
 from .layers import DoRAModule
 from .loading import FileMatch, check_coverage, match_file, nonfinite_modules
@@ -33,43 +35,46 @@ ALLOW_PARTIAL_HINT = '--network_args "allow_partial_load=True" (Python: allow_pa
 
 
 class DoRANetwork(nn.Module):
-    """A set of DoRA/LoRA adapters over a UNet and 0-2 text encoders.
+    """A set of DoRA/LoRA adapters over a denoiser (UNet or DiT) and its text encoders.
 
     Args:
-        text_encoders: 0, 1 or 2 text encoders (already normalised to a list).
-        unet: the UNet module, or None.
+        text_encoders: the trainer's text encoders as a list, positions kept (None entries allowed).
+        unet: the denoiser module, or None.
         args: parsed options.
         multiplier: strength mu of every adapter.
         file_specs: when built from a file, the per-layer specs read from it; only those layers get adapters
             and each takes its rank/alpha/axis/Tucker/DoRA from the file.
+        family: the model family (recognised from the models when None).
+
+    Attributes:
+        family: the model family's description (families/).
+        train_t5xxl: whether T5-XXL has adapters (FLUX/SD3 trainers read it to refuse cached T5 outputs).
     """
 
     def __init__(
         self,
-        text_encoders: Sequence[nn.Module],
+        text_encoders: Sequence[nn.Module | None],
         unet: nn.Module | None,
         args: NetworkArgs,
         multiplier: float = 1.0,
         file_specs: dict[str, ModuleSpec] | None = None,
+        family: Family | None = None,
     ) -> None:
         super().__init__()
         self.args = args
         self.multiplier = float(multiplier)
-        unet_scope, with_te = PRESETS[args.preset]
+        self.family = family or detect_family(unet, text_encoders)
         from_file = file_specs is not None
-        self.targets: list[Target] = find_targets(
-            text_encoders,
-            unet,
-            unet_scope="all" if from_file else unet_scope,
-            include_text_encoders=with_te or from_file,
-            with_conv_blocks=from_file or args.conv_dim is not None,
-            all_layers=from_file,
-        )
-        # every layer a file may name (any preset, conv blocks, text encoders): tells a file for another model
+        # every layer a file may name (any option, conv blocks, text encoders): tells a file for another model
         # from one that only adapts layers this network leaves alone
-        self.model_layers: list[Target] = every_layer(text_encoders, unet)
+        self.model_layers: list[Target] = every_layer(text_encoders, unet, self.family)
         if from_file:
-            self.targets = [t for t in self.targets if t.lora_name in file_specs]
+            self.targets: list[Target] = [t for t in self.model_layers if t.lora_name in file_specs]
+        else:
+            self.targets = find_targets(text_encoders, unet, args, family=self.family)
+        slots = self.family.text_encoder_slots(len(text_encoders))
+        self.train_t5xxl = any(t.te_index is not None and slots[t.te_index].enabled_by == "train_t5xxl"
+                               for t in self.targets)
         self.text_encoder_loras: list[DoRAModule] = []
         self.unet_loras: list[DoRAModule] = []
         for target in self.targets:
@@ -78,8 +83,9 @@ class DoRANetwork(nn.Module):
             (self.unet_loras if target.component == "unet" else self.text_encoder_loras).append(module)
         if not self.targets:
             raise ValueError(
-                "no layer matched: the text encoders/UNet contain no Transformer2DModel, CLIP attention/MLP or (with "
-                "conv_dim) resnet blocks. dora_network supports SD1.x/SD2.x/SDXL models from sd-scripts and diffusers"
+                f"no layer matched on this {self.family.title} model with these options: its containers "
+                f"{', '.join(self.family.unet_containers(args))} hold no Linear/Conv2d layer that the options select "
+                f"(check network_args such as train_blocks, *_dim=0, exclude_patterns, network_reg_dims)"
             )
         self._norm_cache: dict[str, torch.Tensor | None] = {}
         self._weight_backup: dict[str, torch.Tensor] = {}
@@ -92,10 +98,11 @@ class DoRANetwork(nn.Module):
             rank, alpha, dora, wd_on_out, tucker = spec.rank, spec.alpha, spec.dora, bool(spec.wd_on_out), spec.tucker
             rs_lora = False  # a file stores the effective alpha (alpha*sqrt(r) for rs-LoRA)
         elif target.kind == "conv":
-            rank, alpha = a.conv_dim or a.rank, a.effective_conv_alpha
+            rank, alpha = target.rank or a.conv_dim or a.rank, a.effective_conv_alpha
             dora, wd_on_out, tucker, rs_lora = a.dora, a.wd_on_out, a.use_tucker, a.rs_lora
         else:
-            rank, alpha, dora, wd_on_out, tucker, rs_lora = a.rank, a.alpha, a.dora, a.wd_on_out, False, a.rs_lora
+            rank, alpha, dora, wd_on_out, tucker, rs_lora = (target.rank or a.rank, a.alpha, a.dora, a.wd_on_out,
+                                                             False, a.rs_lora)
         return DoRAModule(
             target.lora_name, target.module, rank, alpha, dora=dora, wd_on_out=wd_on_out, use_tucker=tucker,
             detach_norm=a.detach_norm, dropout=a.dropout, rank_dropout=a.rank_dropout,
@@ -107,25 +114,28 @@ class DoRANetwork(nn.Module):
         axes = Counter("out" if m.wd_on_out else "in" for m in self.loras if m.dora)
         ranks = Counter(m.rank for m in self.loras)
         logger.info(
-            "dora_network: %d adapters (%s); algo=%s, ranks %s, axis %s, norm %s",
-            len(self.targets), ", ".join(f"{c}/{k}: {n}" for (c, k), n in sorted(kinds.items())), self.args.algo,
-            dict(ranks), dict(axes) or "-", "detached" if self.args.detach_norm else "with gradient",
+            "dora_network: %s, %d adapters (%s); algo=%s, ranks %s, axis %s, norm %s",
+            self.family.title, len(self.targets), ", ".join(f"{c}/{k}: {n}" for (c, k), n in sorted(kinds.items())),
+            self.args.algo, dict(ranks), dict(axes) or "-", "detached" if self.args.detach_norm else "with gradient",
         )
+        if self.args.verbose:
+            for module in self.loras:
+                logger.info("\t%-60s rank %d, alpha %g", module.lora_name, module.rank, float(module.alpha))
 
     @property
     def loras(self) -> list[DoRAModule]:
         return self.text_encoder_loras + self.unet_loras
 
     @staticmethod
-    def match_targets(text_encoders: Sequence[nn.Module], unet: nn.Module | None,
+    def match_targets(text_encoders: Sequence[nn.Module | None], unet: nn.Module | None,
                       state_dict: dict[str, torch.Tensor], axis_hint: bool | None = None,
-                      allow_partial: bool = False) -> FileMatch:
+                      allow_partial: bool = False, family: Family | None = None) -> FileMatch:
         """Match a file against every layer a file may adapt (conv blocks and text encoders included).
 
         Raises:
             ValueError: no module of the file matches the model, or some do not and ``allow_partial`` is False.
         """
-        targets = every_layer(text_encoders, unet)
+        targets = every_layer(text_encoders, unet, family)
         found = match_file(state_dict, targets, axis_hint)
         check_coverage(found, targets, allow_partial, ALLOW_PARTIAL_HINT)
         return found
@@ -186,48 +196,62 @@ class DoRANetwork(nn.Module):
     # -- optimizer ---------------------------------------------------------------------------------------------
     def _param_groups(self, modules: list[DoRAModule], lr: float | None, ratio: float | None,
                       label: str) -> tuple[list[dict[str, Any]], list[str]]:
-        if not modules or lr == 0:
-            return [], []
-        up, rest = [], []
+        """Groups for one part: ``network_reg_lrs`` matches first (one group per pattern), then the rest at ``lr``;
+        ``lora_up`` in a "plus" group when LoRA+ is on."""
+        by_rate: dict[int, list[DoRAModule]] = {}
+        paths = {t.lora_name: t.path for t in self.targets}
         for module in modules:
-            for name, param in module.named_parameters():
-                (up if ratio and name.startswith("lora_up") else rest).append(param)
+            subject, whole = self.family.reg_subject(module.lora_name, paths.get(module.lora_name, ""))
+            match = next((i for i, (pattern, _) in enumerate(self.args.reg_lrs)
+                          if (re.fullmatch if whole else re.search)(pattern, subject)), -1)
+            by_rate.setdefault(match, []).append(module)
         groups, names = [], []
-        for params, factor, suffix in ((rest, 1.0, ""), (up, ratio or 1.0, " plus")):
-            if params:
-                group: dict[str, Any] = {"params": params}
-                if lr is not None:
-                    group["lr"] = lr * factor
-                groups.append(group)
-                names.append(label + suffix)
+        for match, members in sorted(by_rate.items(), key=lambda item: item[0] < 0):
+            rate = lr if match < 0 else self.args.reg_lrs[match][1]
+            if rate == 0:
+                continue
+            up, rest = [], []
+            for module in members:
+                for name, param in module.named_parameters():
+                    (up if ratio and name.startswith("lora_up") else rest).append(param)
+            tag = label if match < 0 else f"{label} reg_lr_{match}"
+            for params, factor, suffix in ((rest, 1.0, ""), (up, ratio or 1.0, " plus")):
+                if params:
+                    group: dict[str, Any] = {"params": params}
+                    if rate is not None:
+                        group["lr"] = rate * factor
+                    groups.append(group)
+                    names.append(tag + suffix)
         return groups, names
 
-    def _te_modules(self, index: int) -> list[DoRAModule]:
-        return [m for m, t in zip(self.text_encoder_loras, self._te_components()) if t == index]
-
-    def _te_components(self) -> list[int]:
-        return [2 if m.lora_name.startswith("lora_te2_") else 1 for m in self.text_encoder_loras]
+    def _te_position(self) -> dict[str, int]:
+        """lora_name -> the text encoder's position in the trainer's list (which ``--text_encoder_lr`` it takes)."""
+        return {t.lora_name: t.te_index for t in self.targets if t.te_index is not None}
 
     def prepare_optimizer_params_with_multiple_te_lrs(
         self, text_encoder_lr: Any, unet_lr: float | None, default_lr: float | None
     ) -> tuple[list[dict[str, Any]], list[str]]:
-        """Param groups with separate TE1/TE2 rates (``--text_encoder_lr a b``) and LoRA+ ratios."""
+        """Param groups with one rate per text encoder (``--text_encoder_lr a b``: SDXL TE1/TE2, FLUX CLIP-L/T5),
+        ``network_reg_lrs`` and LoRA+ ratios."""
         self.requires_grad_(True)
+        position = self._te_position()
+        used = sorted({position[m.lora_name] for m in self.text_encoder_loras})
+        count = max(used, default=0) + 1
         if text_encoder_lr is None or isinstance(text_encoder_lr, (int, float)):
-            te_lrs = [text_encoder_lr, text_encoder_lr]
+            te_lrs = [text_encoder_lr] * count
         else:
             te_lrs = list(text_encoder_lr) or [None]
-            te_lrs = te_lrs + [te_lrs[0]] * (2 - len(te_lrs))
+            te_lrs = te_lrs + [te_lrs[0]] * (count - len(te_lrs))
         a = self.args
         te_ratio = a.loraplus_text_encoder_lr_ratio or a.loraplus_lr_ratio
         unet_ratio = a.loraplus_unet_lr_ratio or a.loraplus_lr_ratio
         groups: list[dict[str, Any]] = []
         names: list[str] = []
-        many = any(c == 2 for c in self._te_components())
-        for index in (1, 2):
-            lr = te_lrs[index - 1] if te_lrs[index - 1] is not None else default_lr
-            label = f"textencoder {index}" if many else "textencoder"
-            g, n = self._param_groups(self._te_modules(index), lr, te_ratio, label)
+        for index in used:
+            lr = te_lrs[index] if te_lrs[index] is not None else default_lr
+            label = f"textencoder {index + 1}" if count > 1 else "textencoder"
+            members = [m for m in self.text_encoder_loras if position[m.lora_name] == index]
+            g, n = self._param_groups(members, lr, te_ratio, label)
             groups += g
             names += n
         g, n = self._param_groups(self.unet_loras, unet_lr if unet_lr is not None else default_lr, unet_ratio, "unet")

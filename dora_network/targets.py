@@ -1,27 +1,27 @@
-"""Which base layers get adapters, and their ``lora_name``s, exactly as sd-scripts' ``networks/lora.py`` picks them.
+"""Which base layers get adapters, and their ``lora_name``s, exactly as each family's sd-scripts module picks them.
 
-Rule (sd-scripts): for every module whose *class name* is a target, each descendant whose class name is exactly
-``Linear`` or ``Conv2d`` gets an adapter named ``prefix + "." + container_path + "." + child_path`` with every "."
-replaced by "_". UNet targets: ``Transformer2DModel``, plus ``ResnetBlock2D``/``Downsample2D``/``Upsample2D`` when
-kxk convs are on; text-encoder targets: every CLIP attention class and ``CLIPMLP``. Prefixes: ``lora_unet``,
-``lora_te`` (one encoder) or ``lora_te1``/``lora_te2`` (a list of two).
+Rule (every sd-scripts network module): for every module whose *class name* is one of the family's containers, each
+descendant whose class name is exactly ``Linear`` or ``Conv2d`` gets an adapter named
+``prefix + "." + container_path + "." + child_path`` with every "." replaced by "_". What the containers, prefixes,
+options and other spellings are comes from the model's family (``families/``); this file only walks.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
 
 from torch import nn
+
+from .args import NetworkArgs
+from .families import Family, TextEncoderSlot, detect_family
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Target", "every_layer", "find_targets", "normalize_text_encoders", "unwrap_unet"]
 
-UNET_TRANSFORMER_CLASSES = ("Transformer2DModel",)
-UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-UNET_PREFIX = "lora_unet"
 _LAYER_CLASSES = ("Linear", "Conv2d")
 
 
@@ -32,9 +32,13 @@ class Target:
     Attributes:
         lora_name: its name in files.
         module: the base ``nn.Linear`` / ``nn.Conv2d``.
-        component: "unet", "te1", "te2" or "te" (a single text encoder).
+        component: "unet", or the text encoder's prefix without ``lora_`` ("te", "te1", "te2", "te3").
         kind: "linear", "conv1x1" or "conv" (kxk).
-        path: dotted module path under its model (text encoders in the classic ``text_model.`` form).
+        path: dotted module path under its model (CLIP text encoders in the classic ``text_model.`` form).
+        te_index: the text encoder's position in the trainer's list (None for the denoiser).
+        rank: the rank an option sets for this layer (per-type dims, ``network_reg_dims``, ``in_dims``); None means
+            the network's rank for its kind.
+        aliases: other names files use for this layer (SDXL's SAI/diffusers spellings).
     """
 
     lora_name: str
@@ -42,11 +46,9 @@ class Target:
     component: str
     kind: str
     path: str
-
-
-def is_text_encoder_target(class_name: str) -> bool:
-    """CLIPAttention, CLIPSdpaAttention, CLIPFlashAttention2, ... and CLIPMLP."""
-    return class_name.startswith("CLIP") and ("Attention" in class_name or class_name == "CLIPMLP")
+    te_index: int | None = None
+    rank: int | None = None
+    aliases: tuple[str, ...] = ()
 
 
 def unwrap_unet(unet: Any) -> nn.Module | None:
@@ -59,16 +61,19 @@ def unwrap_unet(unet: Any) -> nn.Module | None:
     raise TypeError(f"unet must be an nn.Module or a wrapper with .delegate, got {type(unet).__name__}")
 
 
-def normalize_text_encoders(text_encoder: Any) -> list[nn.Module]:
-    """sd-scripts passes one module (SD1/2), a list [te1, te2] (SDXL, gen scripts) or nothing."""
+def normalize_text_encoders(text_encoder: Any) -> list[nn.Module | None]:
+    """The trainer's text encoders as a list, positions kept: one module (SD1/2), a list (SDXL ``[te1, te2]``,
+    FLUX ``[clip_l, t5]``, Chroma ``[None, t5]``) or nothing. A None keeps its position, which sets the prefixes."""
     if text_encoder is None:
         return []
     if isinstance(text_encoder, nn.Module):
         return [text_encoder]
-    encoders = [te for te in text_encoder if te is not None]
+    encoders = list(text_encoder)
     for te in encoders:
-        if not isinstance(te, nn.Module):
-            raise TypeError(f"text encoders must be nn.Module, got {type(te).__name__}")
+        if te is not None and not isinstance(te, nn.Module):
+            raise TypeError(f"text encoders must be nn.Module or None, got {type(te).__name__}")
+    while encoders and encoders[-1] is None:
+        encoders.pop()
     return encoders
 
 
@@ -78,8 +83,8 @@ def _kind(module: nn.Module) -> str:
     return "conv1x1" if tuple(module.kernel_size) == (1, 1) else "conv"
 
 
-def _text_encoder_path(root: nn.Module, path: str) -> str:
-    """Classic ``text_model.`` paths whatever the transformers version.
+def _classic_path(root: nn.Module, path: str) -> str:
+    """Classic CLIP ``text_model.`` paths whatever the transformers version.
 
     transformers 5 dropped the ``text_model`` level from ``CLIPTextModel``; UIs only map the classic names.
     """
@@ -88,18 +93,15 @@ def _text_encoder_path(root: nn.Module, path: str) -> str:
     return "text_model." + path
 
 
-def _walk(
-    root: nn.Module, prefix: str, component: str, classes: Iterable[str] | None, is_te: bool, with_kxk: bool,
-    attn_only: bool, seen: set[str],
-) -> list[Target]:
+def _is_container(class_name: str, patterns: Sequence[str]) -> bool:
+    return any(re.fullmatch(p, class_name) for p in patterns)
+
+
+def _walk(root: nn.Module, prefix: str, component: str, containers: Sequence[str], *, clip_paths: bool,
+          with_kxk: bool, te_index: int | None, seen: set[str]) -> list[Target]:
     found: list[Target] = []
-    class_set = set(classes or ())
     for path, container in root.named_modules():
-        name = type(container).__name__
-        if is_te:
-            if not is_text_encoder_target(name) or (attn_only and "Attention" not in name):
-                continue
-        elif name not in class_set:
+        if not _is_container(type(container).__name__, containers):
             continue
         for child_path, child in container.named_modules():
             if type(child).__name__ not in _LAYER_CLASSES or child is container:
@@ -107,82 +109,115 @@ def _walk(
             kind = _kind(child)
             if kind == "conv" and not with_kxk:
                 continue
-            if attn_only and not is_te and not any(p in ("attn1", "attn2") for p in child_path.split(".")):
-                continue
-            full = f"{_text_encoder_path(root, path) if is_te else path}.{child_path}"
+            full = f"{path}.{child_path}" if path else child_path
+            if clip_paths:
+                full = _classic_path(root, full)
             lora_name = f"{prefix}.{full}".replace(".", "_")
             if lora_name in seen:
                 continue  # nested target containers list the same layer twice
             seen.add(lora_name)
-            found.append(Target(lora_name, child, component, kind, full))
+            found.append(Target(lora_name, child, component, kind, full, te_index))
     return found
 
 
-def _walk_all(root: nn.Module, prefix: str, component: str, is_te: bool, seen: set[str]) -> list[Target]:
-    """Every Linear/Conv2d under ``root``, named by the same rule (for files made with wider presets)."""
+def _walk_all(root: nn.Module, prefix: str, component: str, clip_paths: bool, te_index: int | None,
+              seen: set[str]) -> list[Target]:
+    """Every Linear/Conv2d under ``root``, named by the same rule."""
     found: list[Target] = []
     for path, child in root.named_modules():
         if type(child).__name__ not in _LAYER_CLASSES:
             continue
-        full = _text_encoder_path(root, path) if is_te else path
+        full = _classic_path(root, path) if clip_paths else path
         lora_name = f"{prefix}.{full}".replace(".", "_")
         if lora_name not in seen:
             seen.add(lora_name)
-            found.append(Target(lora_name, child, component, _kind(child), full))
+            found.append(Target(lora_name, child, component, _kind(child), full, te_index))
     return found
 
 
+def _slots(family: Family, text_encoders: Sequence[nn.Module | None]) -> list[tuple[int, nn.Module, TextEncoderSlot]]:
+    slots = family.text_encoder_slots(len(text_encoders))
+    return [(i, te, slot) for i, (te, slot) in enumerate(zip(text_encoders, slots)) if te is not None]
+
+
+def _option_rank(family: Family, target: Target, args: NetworkArgs) -> int | None:
+    """``network_reg_dims`` first (first pattern that matches), then the family's per-type options."""
+    subject, whole = family.reg_subject(target.lora_name, target.path)
+    for pattern, rank in args.reg_dims:
+        if (re.fullmatch if whole else re.search)(pattern, subject):
+            return rank
+    if target.component == "unet":
+        return family.type_rank(target.lora_name, target.path, args)
+    return None
+
+
 def find_targets(
-    text_encoders: Sequence[nn.Module],
+    text_encoders: Sequence[nn.Module | None],
     unet: nn.Module | None,
+    args: NetworkArgs | None = None,
     *,
-    unet_scope: str = "all",
-    include_text_encoders: bool = True,
+    family: Family | None = None,
     with_conv_blocks: bool = False,
-    all_layers: bool = False,
 ) -> list[Target]:
-    """All adapter targets, text encoders first (sd-scripts' order).
+    """The layers a new network adapts, text encoders first (sd-scripts' order), with per-layer ranks.
 
     Args:
-        text_encoders: 0, 1 or 2 text encoders.
-        unet: the UNet (sd-scripts' SAI-named SDXL UNet or a diffusers one), or None.
-        unet_scope: "all" (Transformer2DModel, plus conv blocks if ``with_conv_blocks``), "transformer"
-            (Transformer2DModel only) or "attn" (attention projections only).
-        include_text_encoders: False for the unet-only presets.
-        with_conv_blocks: add ResnetBlock2D/Downsample2D/Upsample2D and their kxk convs (``conv_dim`` set,
-            or built from a file).
-        all_layers: then append every other Linear/Conv2d (``conv_in``, ``time_embedding``, ...): a file
-            trained with a wider preset (LyCORIS ``full`` on a diffusers UNet) names such layers too.
+        text_encoders: the trainer's text-encoder list (positions kept; None entries skipped).
+        unet: the denoiser, or None.
+        args: the options (family options, preset, conv_dim, reg dims); defaults to NetworkArgs().
+        family: the model family; recognised from the models when None.
+        with_conv_blocks: as if ``conv_dim`` were set (kxk convs and their blocks), for tools and tests.
 
     Returns:
-        The targets, in a stable order, with unique names.
+        The targets, in a stable order, with unique names; layers whose rank an option sets to 0 are left out.
     """
+    args = args or NetworkArgs()
+    if with_conv_blocks and args.conv_dim is None:
+        args = replace(args, conv_dim=args.rank)
+    family = family or detect_family(unet, text_encoders)
     seen: set[str] = set()
-    targets: list[Target] = []
-    if include_text_encoders:
-        many = len(text_encoders) > 1
-        for index, te in enumerate(text_encoders):
-            component = f"te{index + 1}" if many else "te"
-            prefix = f"lora_{component}"
-            targets += _walk(te, prefix, component, None, True, False, unet_scope == "attn", seen)
+    candidates: list[Target] = []
+    for index, te, slot in _slots(family, text_encoders):
+        if slot.enabled_by and not args.family_options.get(slot.enabled_by):
+            continue
+        candidates += _walk(te, slot.prefix, slot.component, slot.classes, clip_paths=slot.clip_paths,
+                            with_kxk=False, te_index=index, seen=seen)
     if unet is not None:
-        classes = UNET_TRANSFORMER_CLASSES
-        conv = with_conv_blocks and unet_scope == "all"
-        if conv:
-            classes = classes + UNET_CONV_CLASSES
-        targets += _walk(unet, UNET_PREFIX, "unet", classes, False, conv, unet_scope == "attn", seen)
-    if all_layers:
-        if include_text_encoders:
-            for index, te in enumerate(text_encoders):
-                component = f"te{index + 1}" if len(text_encoders) > 1 else "te"
-                targets += _walk_all(te, f"lora_{component}", component, True, seen)
-        if unet is not None:
-            targets += _walk_all(unet, UNET_PREFIX, "unet", False, seen)
+        containers = tuple(re.escape(c) for c in family.unet_containers(args))
+        candidates += _walk(unet, family.unet_prefix, "unet", containers, clip_paths=False,
+                            with_kxk=args.conv_dim is not None, te_index=None, seen=seen)
+    targets: list[Target] = []
+    for target in candidates:
+        if not family.selects(target.lora_name, target.path, target.component, args):
+            continue
+        rank = _option_rank(family, target, args)
+        if rank == 0:
+            continue
+        targets.append(_finish(family, target, rank))
+    if unet is not None:
+        for part, rank in family.extra_unet_layers(args):
+            for target in _walk_all(unet, family.unet_prefix, "unet", False, None, seen):
+                if part in target.lora_name:
+                    targets.append(_finish(family, target, rank))
+                else:
+                    seen.discard(target.lora_name)
     return targets
 
 
-def every_layer(text_encoders: Sequence[nn.Module], unet: nn.Module | None) -> list[Target]:
-    """Every layer a file may adapt, whatever preset trained it: conv blocks, text encoders and layers outside
-    sd-scripts' default scope (LyCORIS' ``full`` preset adds ``conv_in``, ``time_embedding``, ...)."""
-    return find_targets(text_encoders, unet, unet_scope="all", include_text_encoders=True, with_conv_blocks=True,
-                        all_layers=True)
+def _finish(family: Family, target: Target, rank: int | None) -> Target:
+    aliases = family.unet_aliases(target.path) if target.component == "unet" else ()
+    return replace(target, rank=rank, aliases=aliases)
+
+
+def every_layer(text_encoders: Sequence[nn.Module | None], unet: nn.Module | None,
+                family: Family | None = None) -> list[Target]:
+    """Every layer a file may adapt, whatever options or tool trained it: every Linear/Conv2d of every text encoder
+    (T5 included) and of the denoiser (LyCORIS' ``full`` preset adds ``conv_in``, ``time_embedding``, ...)."""
+    family = family or detect_family(unet, text_encoders)
+    seen: set[str] = set()
+    layers: list[Target] = []
+    for index, te, slot in _slots(family, text_encoders):
+        layers += _walk_all(te, slot.prefix, slot.component, slot.clip_paths, index, seen)
+    if unet is not None:
+        layers += [_finish(family, t, None) for t in _walk_all(unet, family.unet_prefix, "unet", False, None, seen)]
+    return layers

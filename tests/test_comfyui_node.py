@@ -25,7 +25,7 @@ import dora_network
 from dora_network.integrations.comfyui import layer_updates
 from dora_network.targets import every_layer
 from dora_network.tiny import build_tiny_sdxl
-from dora_network.unet_names import diffusers_to_sai
+from dora_network.families.sdxl import diffusers_to_sai
 from dora_reference import explicit_weight
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

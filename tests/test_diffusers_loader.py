@@ -20,7 +20,7 @@ from torch import nn
 import dora_network
 from dora_network.integrations.diffusers_loader import DoRAPatch, apply_dora_to_pipeline
 from dora_network.tiny import build_pipeline, build_tiny_sdxl
-from dora_network.unet_names import diffusers_to_sai
+from dora_network.families.sdxl import diffusers_to_sai
 from dora_reference import explicit_weight as _explicit
 
 DIFFUSERS_DORA_WARNING = (

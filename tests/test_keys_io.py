@@ -312,7 +312,7 @@ def test_infer_spec_errors(shapes, message):
 
 def test_sai_named_file_loads_on_diffusers_model(model, trained, tmp_path):
     """Users mix trees: a file written against sd-scripts' SAI names loads on a diffusers UNet."""
-    from dora_network.unet_names import diffusers_to_sai
+    from dora_network.families.sdxl import diffusers_to_sai
 
     paths = {t.lora_name: t.path for t in trained.targets}
     renamed = {}

@@ -10,7 +10,7 @@ import torch
 
 from dora_network import create_network
 from dora_network.targets import find_targets
-from dora_network.unet_names import diffusers_to_sai, sai_to_diffusers
+from dora_network.families.sdxl import diffusers_to_sai, sai_to_diffusers
 from sdxl_standin import build_sai_sdxl_unet, build_sdxl_text_encoders
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

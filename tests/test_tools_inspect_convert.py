@@ -23,7 +23,7 @@ from dora_network.io import load_file, safetensors_hashes
 from dora_network.tiny import build_tiny_sdxl
 from dora_network.tools import convert as C
 from dora_network.tools import inspect as I
-from dora_network.unet_names import diffusers_to_sai
+from dora_network.families.sdxl import diffusers_to_sai
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 ALL_EXACT = {loader: "exact" for loader in I.LOADERS}

@@ -17,7 +17,7 @@ from safetensors.torch import save_file as st_save
 from dora_network import create_network, create_network_from_weights, tiny
 from dora_network.targets import find_targets
 from dora_network.tools import analyze, merge_checkpoint
-from dora_network.unet_names import diffusers_to_sai
+from dora_network.families.sdxl import diffusers_to_sai
 
 STRENGTHS = (1.0, 0.5)
 _OPENCLIP = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",

@@ -33,6 +33,7 @@ from .. import functional as DF
 from ..io import load_file
 from ..keys import ALPHA, DORA_SCALE, DOWN, MID, UP, axis_from_metadata
 from ..loading import check_coverage, match_file
+from ..families.sdxl import SDXL
 from ..targets import Target
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,9 @@ def _targets(key_map: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) ->
         if name != canonical or canonical in model_key_of:
             continue
         weight = weights[key]
-        targets.append(Target(canonical, types.SimpleNamespace(weight=weight), component, _layer(weight), path))
+        aliases = SDXL.unet_aliases(path) if component == "unet" else ()
+        targets.append(Target(canonical, types.SimpleNamespace(weight=weight), component, _layer(weight), path,
+                              aliases=aliases))
         model_key_of[canonical] = key
     return targets, model_key_of
 

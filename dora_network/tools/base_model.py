@@ -155,8 +155,7 @@ def _from_targets(description: str, targets: Sequence[Target], fetch: Callable[[
 def _from_modules(description: str, text_encoders: Sequence[Any], unet: Any) -> BaseModel:
     from ..targets import find_targets
 
-    targets = find_targets(list(text_encoders), unet, unet_scope="all", include_text_encoders=True,
-                           with_conv_blocks=True)
+    targets = find_targets(list(text_encoders), unet, with_conv_blocks=True)
     by_name = {t.lora_name: t for t in targets}
     return _from_targets(description, targets, lambda name: by_name[name].module.weight)
 

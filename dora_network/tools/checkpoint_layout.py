@@ -26,6 +26,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from ..families.sdxl import SDXL
 from ..targets import Target, _kind
 from .safetensors_stream import read_header, read_tensor_at
 
@@ -134,7 +135,9 @@ def scan_targets(sources: Mapping[Path, str | None]) -> tuple[list[Target], dict
                 rows = layer.rows
                 module = stand_in([rows[1] - rows[0], shape[1]] if rows else shape)
                 name = layer.lora_name
-                targets.setdefault(name, Target(name, module, layer.component, _kind(module), layer.path))
+                aliases = SDXL.unet_aliases(layer.path) if layer.component == "unet" else ()
+                targets.setdefault(name, Target(name, module, layer.component, _kind(module), layer.path,
+                                                aliases=aliases))
                 sites.setdefault(name, []).append(Site(source, key, rows))
     return list(targets.values()), sites
 

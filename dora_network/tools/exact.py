@@ -4,7 +4,7 @@
 * :func:`fold_alpha`: ``lora_up *= alpha / rank`` and ``alpha = rank`` (what old SD.Next needs).
 * :func:`cast_dtype`: fp32 <-> fp16/bf16 (exact when widening; narrowing reports the rounding error).
 * :func:`convert_unet_names`: SDXL UNet names SAI (``input_blocks_4_1_...``) <-> diffusers (``down_blocks_1_...``),
-  worked out on the underscore names alone from ``unet_names``' SDXL block table (no model needed).
+  worked out on the underscore names alone from SDXL's block table (families/sdxl.py) (no model needed).
 * :func:`classic_text_encoder_names`: ``lora_te1_encoder_...`` (transformers 5) -> ``lora_te1_text_model_encoder_...``.
 
 Each returns a :class:`~dora_network.tools.conversion.ConversionResult` holding the converted state dict.
@@ -18,8 +18,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from ..keys import ALPHA, DORA_SCALE, DOWN, MID, UP, group_by_module, infer_spec
-from ..unet_names import _block_pairs as sdxl_block_pairs  # (SAI prefix, diffusers prefix, is_resnet) per block
-from ..unet_names import diffusers_to_sai, sai_to_diffusers
+from ..families.sdxl import SDXL_LAYOUT, diffusers_to_sai, sai_to_diffusers
 from .conversion import ConversionResult, ErrorMeter
 from .file_modules import file_axis, flatten, module_delta, split_modules
 
@@ -165,7 +164,7 @@ def unet_lora_name(lora_name: str, to: str, pairs: Sequence[tuple[str, str, bool
     if not lora_name.startswith("lora_unet_"):
         return None
     rest = lora_name[len("lora_unet_"):]
-    pairs = sdxl_block_pairs() if pairs is None else pairs
+    pairs = SDXL_LAYOUT.block_pairs() if pairs is None else pairs
     best = None
     for sai, diff, resnet in pairs:
         for src, dst, src_is_sai in ((sai, diff, True), (diff, sai, False)):
@@ -203,7 +202,7 @@ def convert_unet_names(state_dict: Mapping[str, torch.Tensor], to: str) -> Conve
             n.startswith(("lora_unet_down_blocks_3_", "lora_unet_up_blocks_3_")) for n in names):
         raise ValueError("this looks like an SD1/SD2 file (lora_te_ or a 4th down/up block); UNet name conversion "
                          "only knows SDXL's block layout")
-    pairs = sdxl_block_pairs()
+    pairs = SDXL_LAYOUT.block_pairs()
     renamed: dict[str, dict[str, torch.Tensor]] = {}
     bad: list[str] = []
     changed = 0

@@ -1,0 +1,55 @@
+"""The model families dora_network trains, one description each, and how a model is matched to one.
+
+Order matters: the first family that recognises the model wins (SDXL before SD, whose rules it extends).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import nn
+
+from .anima import ANIMA
+from .base import Family, TextEncoderSlot, class_names
+from .flux import FLUX
+from .sd import SD
+from .sdxl import SDXL
+
+__all__ = ["FAMILIES", "Family", "TextEncoderSlot", "detect_family", "family_named"]
+
+FAMILIES: tuple[Family, ...] = (FLUX, ANIMA, SDXL, SD)
+
+
+def family_named(name: str) -> Family:
+    """The family with this short name (``flux``); ValueError listing the known ones otherwise."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def _summary(module: nn.Module | None) -> str:
+    if module is None:
+        return "None"
+    containers = sorted({type(m).__name__ for m in module.modules()} - {"Linear", "Conv2d", "ModuleList",
+                                                                         "Sequential", "Dropout", "Identity"})
+    shown = ", ".join(containers[:8]) + (", ..." if len(containers) > 8 else "")
+    return f"{type(module).__name__} (classes: {shown})"
+
+
+def detect_family(unet: nn.Module | None, text_encoders: Sequence[Any]) -> Family:
+    """The family of the objects a trainer passes, recognised from class names and structure.
+
+    Raises:
+        ValueError: no family recognises them; the message names what was found and what is supported.
+    """
+    for family in FAMILIES:
+        if family.recognizes(unet, text_encoders):
+            return family
+    encoders = ", ".join(_summary(te) for te in text_encoders) or "none"
+    supported = "; ".join(f.describe() for f in FAMILIES)
+    raise ValueError(
+        f"dora_network does not know this model: denoiser {_summary(unet)}; text encoders: {encoders}. "
+        f"Supported families: {supported}. For another architecture use its own sd-scripts network module "
+        f"or --network_module=lycoris.kohya"
+    )

@@ -1,0 +1,202 @@
+"""What dora_network knows about one model family, in one object that every part reads.
+
+A :class:`Family` says how to recognise the family's models from the objects sd-scripts passes (class names and
+structure, never an import of sd-scripts), which containers hold the layers its sd-scripts module adapts, how
+adapters are named (prefixes per text-encoder position), the family's own ``network_args`` with their sd-scripts
+meaning, and the other spellings files use for its layers. targets.py, args.py, network.py and the loaders only
+ask these questions; adding a family is adding one file under ``families/``.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..args import NetworkArgs
+
+__all__ = [
+    "Family",
+    "OptionParser",
+    "TextEncoderSlot",
+    "class_names",
+    "parse_block_selection",
+    "parse_int_list",
+    "parse_optional_rank",
+    "parse_pattern_list",
+]
+
+#: parses one ``network_args`` value (a string from sd-scripts) for the key named in the first argument
+OptionParser = Callable[[str, Any], Any]
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One position in the text-encoder list a trainer passes.
+
+    Attributes:
+        prefix: adapter-name prefix (``lora_te1``); ``component`` is the part after ``lora_``.
+        classes: container classes whose Linear children get adapters (sd-scripts' TEXT_ENCODER_TARGET_REPLACE_MODULE).
+        enabled_by: the family option that turns adapters on for this encoder (FLUX's T5: ``train_t5xxl``);
+            None means always on.
+        clip_paths: CLIP encoders are named in the classic ``text_model.`` form on every transformers version.
+    """
+
+    prefix: str
+    classes: tuple[str, ...]
+    enabled_by: str | None = None
+    clip_paths: bool = False
+
+    @property
+    def component(self) -> str:
+        return self.prefix[len("lora_"):]
+
+
+def class_names(module: nn.Module | None) -> set[str]:
+    """Every class name in a module tree (empty for None); how families are recognised without importing them."""
+    return set() if module is None else {type(m).__name__ for m in module.modules()}
+
+
+class Family:
+    """Base description; each family file defines one subclass instance. Defaults describe sd-scripts' conventions.
+
+    Attributes:
+        name: short key (``flux``), used in messages, metadata and tests.
+        title: what users call it (``FLUX.1``).
+        trainers: the sd-scripts scripts that train it.
+        sd_scripts_module: sd-scripts' own LoRA module for it (whose names and targets we reproduce).
+        has_convs: whether ``conv_dim`` can mean anything (kxk convs inside the adapted blocks).
+        options: the family's own ``network_args`` -> parser; every other family's keys are refused by name.
+    """
+
+    name: str = ""
+    title: str = ""
+    trainers: str = ""
+    sd_scripts_module: str = ""
+    unet_prefix: str = "lora_unet"
+    has_convs: bool = False
+    options: Mapping[str, OptionParser] = {}
+
+    # -- recognition ---------------------------------------------------------------------------------------------
+    def recognizes(self, unet: nn.Module | None, text_encoders: Sequence[nn.Module | None]) -> bool:
+        raise NotImplementedError
+
+    # -- text encoders -------------------------------------------------------------------------------------------
+    def text_encoder_slots(self, count: int) -> tuple[TextEncoderSlot, ...]:
+        """One slot per position of the trainer's text-encoder list (``count`` positions, None ones included)."""
+        raise NotImplementedError
+
+    # -- the denoiser --------------------------------------------------------------------------------------------
+    def unet_containers(self, args: NetworkArgs) -> tuple[str, ...]:
+        """Container class names whose Linear/Conv2d descendants get adapters (kxk convs only with conv_dim)."""
+        raise NotImplementedError
+
+    def extra_unet_layers(self, args: NetworkArgs) -> tuple[tuple[str, int], ...]:
+        """(substring of the lora_name, rank) of layers outside the containers that options add (FLUX ``in_dims``)."""
+        return ()
+
+    def selects(self, lora_name: str, path: str, component: str, args: NetworkArgs) -> bool:
+        """Whether a layer found in a container gets an adapter (presets, Anima's include/exclude patterns)."""
+        return True
+
+    def type_rank(self, lora_name: str, path: str, args: NetworkArgs) -> int | None:
+        """A rank an option sets for this layer (0 skips it), or None for the network's rank."""
+        return None
+
+    def reg_subject(self, lora_name: str, path: str) -> tuple[str, bool]:
+        """What ``network_reg_dims``/``network_reg_lrs`` patterns match, and whether they must match it whole.
+
+        sd-scripts' FLUX module searches the lora_name; Anima's fully matches the dotted module path.
+        """
+        return lora_name, False
+
+    # -- names in files ------------------------------------------------------------------------------------------
+    def unet_aliases(self, path: str) -> tuple[str, ...]:
+        """Other dotted paths that files written for other tools use for this denoiser layer."""
+        return ()
+
+    # -- messages ------------------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        return f"{self.title} ({self.trainers}, like {self.sd_scripts_module})"
+
+
+# -- option parsers shared by several families (sd-scripts' spellings) --------------------------------------------
+def parse_block_selection(total: int) -> OptionParser:
+    """``all``, ``none``, or comma-separated indices and inclusive ranges (``0,2-5``), as sd-scripts' FLUX module."""
+
+    def parse(key: str, value: Any) -> tuple[bool, ...]:
+        text = str(value).strip().lower()
+        if text == "all":
+            return (True,) * total
+        if text in ("none", ""):
+            return (False,) * total
+        selected = [False] * total
+        for part in text.split(","):
+            part = part.strip()
+            try:
+                low, _, high = part.partition("-")
+                start, end = int(low), int(high) if high else int(low)
+            except ValueError:
+                start, end = -1, -1
+            if not (0 <= start <= end < total):
+                raise ValueError(
+                    f"network_args: {key}={value!r}: '{part}' is not a block index or range within 0-{total - 1}. "
+                    f"Write e.g. {key}=0-{total // 2} or {key}=0,2,4 or {key}=all"
+                )
+            for index in range(start, end + 1):
+                selected[index] = True
+        return tuple(selected)
+
+    return parse
+
+
+def parse_optional_rank(key: str, value: Any) -> int:
+    """A per-type rank: a non-negative integer; 0 leaves that layer type untrained (sd-scripts' meaning)."""
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number != int(number) or number < 0:
+        raise ValueError(f"network_args: {key}={value!r} must be a rank >= 0 (0 skips those layers), e.g. {key}=8")
+    return int(number)
+
+
+def parse_int_list(length: int, names: str) -> OptionParser:
+    """``[a,b,...]`` or ``a,b,...`` with exactly ``length`` non-negative integers (FLUX ``in_dims``)."""
+
+    def parse(key: str, value: Any) -> tuple[int, ...]:
+        text = str(value).strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if len(parts) != length:
+            raise ValueError(f"network_args: {key}={value!r} needs {length} ranks ({names}), e.g. "
+                             f"{key}=[{','.join(['4'] * length)}]")
+        return tuple(parse_optional_rank(f"{key}[{i}]", p) for i, p in enumerate(parts))
+
+    return parse
+
+
+def parse_pattern_list(key: str, value: Any) -> tuple[str, ...]:
+    """A Python-literal regex or list of regexes (``['.*mlp.*']``), as sd-scripts' Anima module reads them."""
+    try:
+        parsed = ast.literal_eval(str(value).strip())
+    except (ValueError, SyntaxError):
+        raise ValueError(
+            f"network_args: {key}={value!r} is not a quoted regex or a list of them; write e.g. "
+            f"{key}=\"['.*self_attn.*']\" (a Python list of strings)"
+        ) from None
+    patterns = [parsed] if isinstance(parsed, str) else parsed
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"network_args: {key}={value!r} must be a string or a list of strings")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"network_args: {key}: {pattern!r} is not a valid regular expression ({error})") from None
+    return tuple(patterns)
