@@ -329,8 +329,9 @@ def parse_network_args(
                 f"network_args: unknown key '{raw_key}' (value {value!r}).{_closest(key, family)} "
                 f"Valid keys: {', '.join(sorted(set(_PARSERS) | set(family.options)))}"
             )
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-            continue  # sd-scripts injects dropout=None; "None" means not set
+        unset = isinstance(value, str) and value.strip().lower() in ("", "none") and key in _PARSERS
+        if value is None or unset:
+            continue  # sd-scripts injects dropout=None; "None" means not set (a family's "none" is a value)
         new = transform(parser(raw_key, value))
         if key in parsed and parsed[key] != new:
             raise ValueError(
@@ -382,5 +383,8 @@ def parse_network_args(
             "network_args: split_qkv=True is not supported yet: dora_network trains FLUX's fused qkv/linear1 as one "
             "DoRA layer with one magnitude (what every loader applies exactly). Leave split_qkv out"
         )
+    for key, field_name in (("network_reg_dims", "reg_dims"), ("network_reg_lrs", "reg_lrs")):
+        if key in parsed:
+            parsed[field_name] = parsed.pop(key)
     return NetworkArgs(rank=rank, alpha=alpha, algo=algo, raw=dict(network_args), family_options=family_options,
                        **parsed)

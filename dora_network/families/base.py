@@ -71,6 +71,7 @@ class Family:
         trainers: the sd-scripts scripts that train it.
         sd_scripts_module: sd-scripts' own LoRA module for it (whose names and targets we reproduce).
         has_convs: whether ``conv_dim`` can mean anything (kxk convs inside the adapted blocks).
+        has_presets: whether the SD-style ``preset`` choices (attn-only, unet-only, ...) mean anything.
         options: the family's own ``network_args`` -> parser; every other family's keys are refused by name.
     """
 
@@ -80,6 +81,7 @@ class Family:
     sd_scripts_module: str = ""
     unet_prefix: str = "lora_unet"
     has_convs: bool = False
+    has_presets: bool = False
     options: Mapping[str, OptionParser] = {}
 
     # -- recognition ---------------------------------------------------------------------------------------------

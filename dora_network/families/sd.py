@@ -124,6 +124,7 @@ class SDFamily(Family):
     trainers = "train_network.py"
     sd_scripts_module = "networks.lora"
     has_convs = True
+    has_presets = True
     layout = SD1_LAYOUT
 
     def recognizes(self, unet: nn.Module | None, text_encoders: Sequence[nn.Module | None]) -> bool:

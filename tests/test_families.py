@@ -1,0 +1,290 @@
+"""families/: each family's adapter names equal what its sd-scripts module creates (golden lists made at full size
+with sd-scripts' own modules), its options mean what they mean there, unknown models are refused, and the network
+works on each family as on SDXL: forward = the float64 formula, merge, save/load bit for bit, per-step hooks."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dora_network import create_network, create_network_from_weights
+from dora_network.args import parse_network_args
+from dora_network.families import ANIMA, FLUX, SD, SDXL, detect_family
+from dora_network.targets import find_targets
+from anima_standin import build_anima, build_qwen3
+from dora_reference import explicit_weight
+from flux_standin import build_flux, build_flux_text_encoders
+from sdxl_standin import build_sai_sdxl_unet
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+def golden(name: str) -> set[tuple[str, str, int, int]]:
+    rows = [line.rstrip("\n").split("\t") for line in open(GOLDEN / f"{name}.tsv") if not line.startswith("#")]
+    return {(r[0], r[1], int(r[2]), int(r[3])) for r in rows}
+
+
+def described(targets) -> set[tuple[str, str, int, int]]:
+    return {(t.lora_name, type(t.module).__name__, int(t.module.weight.shape[1]), int(t.module.weight.shape[0]))
+            for t in targets}
+
+
+@pytest.fixture(scope="module")
+def flux_meta():
+    """FLUX.1-dev (19 + 38 blocks), CLIP-L and T5-XXL at full size on the meta device."""
+    return build_flux_text_encoders("meta"), build_flux("meta")
+
+
+@pytest.fixture(scope="module")
+def anima_meta():
+    """Anima (28 blocks, LLM adapter) and Qwen3-0.6B at full size on the meta device."""
+    return [build_qwen3("meta")], build_anima("meta")
+
+
+# -- names = sd-scripts' own module, at full size ----------------------------------------------------------------
+@pytest.mark.parametrize("name, network_args", [
+    ("flux_dev", {}),
+    ("flux_dev_train_t5xxl", {"train_t5xxl": "True"}),
+    ("flux_dev_train_blocks_single", {"train_blocks": "single"}),
+])
+def test_flux_names_equal_lora_flux_golden(flux_meta, name, network_args):
+    text_encoders, flux = flux_meta
+    network = create_network(1.0, 4, 1, None, text_encoders, flux, **network_args)
+    assert described(network.targets) == golden(name)
+    assert network.family is FLUX
+    assert network.train_t5xxl == ("train_t5xxl" in network_args)
+    assert all(p.device.type == "meta" for p in network.parameters())
+
+
+@pytest.mark.parametrize("name, network_args", [("anima", {}), ("anima_train_llm_adapter", {"train_llm_adapter": "true"})])
+def test_anima_names_equal_lora_anima_golden(anima_meta, name, network_args):
+    text_encoders, anima = anima_meta
+    network = create_network(1.0, 4, 1, None, text_encoders, anima, **network_args)
+    assert described(network.targets) == golden(name)
+    assert network.family is ANIMA
+    assert sum(t.component == "unet" for t in network.targets) == (280 if name == "anima" else 340)
+
+
+def test_chroma_text_encoder_list_keeps_positions(flux_meta):
+    """Chroma passes [None, T5]: T5 stays lora_te3 (its position), CLIP is simply absent."""
+    (clip, t5), flux = flux_meta
+    network = create_network(1.0, 4, 1, None, [None, t5], flux, train_t5xxl="True")
+    te_names = {t.lora_name for t in network.targets if t.component != "unet"}
+    assert te_names and all(n.startswith("lora_te3_encoder_block_") for n in te_names)
+    assert len(te_names) == 24 * 7
+
+
+# -- recognition ----------------------------------------------------------------------------------------------------
+def test_families_are_recognised_from_structure(flux_meta, anima_meta):
+    assert detect_family(flux_meta[1], flux_meta[0]) is FLUX
+    assert detect_family(anima_meta[1], anima_meta[0]) is ANIMA
+    assert detect_family(build_sai_sdxl_unet(device="meta"), []) is SDXL
+    assert detect_family(None, [flux_meta[0][0]]) is SD
+
+
+def test_unknown_model_is_refused_naming_what_was_found_and_the_families():
+    class HunyuanVideo(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    with pytest.raises(ValueError, match=r"does not know this model: denoiser HunyuanVideo .*Supported families: "
+                                         r"FLUX\.1 .*Anima .*SDXL .*SD1\.x"):
+        create_network(1.0, 4, 1, None, [], HunyuanVideo())
+
+
+# -- options, with sd-scripts' meaning -----------------------------------------------------------------------------
+def _names(text_encoders, model, family, **network_args) -> dict[str, int | None]:
+    args = parse_network_args(4, 1, family=family, **network_args)
+    return {t.lora_name: t.rank for t in find_targets(text_encoders, model, args, family=family)}
+
+
+def test_flux_block_indices_type_dims_and_in_dims(flux_meta):
+    text_encoders, flux = flux_meta
+    names = _names(text_encoders, flux, FLUX, train_double_block_indices="0,2-3", train_single_block_indices="none")
+    doubles = {int(n.split("_")[4]) for n in names if "double_blocks" in n}
+    assert doubles == {0, 2, 3} and not any("single_blocks" in n for n in names)
+
+    names = _names(text_encoders, flux, FLUX, img_attn_dim="8", txt_mlp_dim="0", single_mod_dim="2")
+    assert names["lora_unet_double_blocks_0_img_attn_qkv"] == 8
+    assert names["lora_unet_double_blocks_0_img_attn_proj"] == 8
+    assert not any("txt_mlp" in n for n in names)
+    assert names["lora_unet_single_blocks_5_modulation_lin"] == 2
+    assert names["lora_unet_single_blocks_5_linear1"] is None  # the network's rank
+
+    names = _names(text_encoders, flux, FLUX, in_dims="[4,0,2,0,3]")
+    assert {n: r for n, r in names.items() if "_in" in n and "blocks" not in n} == {
+        "lora_unet_img_in": 4, "lora_unet_vector_in_in_layer": 2, "lora_unet_vector_in_out_layer": 2,
+        "lora_unet_txt_in": 3}
+
+
+def test_network_reg_dims_match_as_each_family_matches(flux_meta, anima_meta):
+    # FLUX: re.search on the lora_name; Anima: the whole dotted path
+    names = _names(*flux_meta, FLUX, network_reg_dims="double_blocks_1_.*attn=16,single_blocks_0_=0")
+    assert names["lora_unet_double_blocks_1_img_attn_qkv"] == 16
+    assert not any(n.startswith("lora_unet_single_blocks_0_") for n in names)
+    names = _names(*anima_meta, ANIMA, network_reg_dims=r"blocks\.0\..*=8,blocks=2")
+    assert names["lora_unet_blocks_0_mlp_layer1"] == 8
+    assert names["lora_unet_blocks_1_mlp_layer1"] is None  # "blocks" alone matches no whole path
+
+
+def test_anima_include_and_exclude_patterns(anima_meta):
+    text_encoders, anima = anima_meta
+    names = _names(text_encoders, anima, ANIMA, exclude_patterns="['.*mlp.*']")
+    assert not any("mlp" in n for n in names if n.startswith("lora_unet"))
+    names = _names(text_encoders, anima, ANIMA, include_patterns=r"['blocks\.\d+\.adaln_modulation_mlp\.\d']")
+    assert sum("adaln_modulation_mlp" in n for n in names) == 28 * 2
+    assert not any("adaln_modulation_self_attn" in n for n in names)
+
+
+@pytest.mark.parametrize("family, key, value, message", [
+    (SDXL, "train_t5xxl", "True", r"'train_t5xxl' is an option of FLUX\.1 models; this model is SDXL"),
+    (FLUX, "train_llm_adapter", "true", r"option of Anima models; this model is FLUX\.1"),
+    (FLUX, "conv_dim", "8", r"conv_dim is meaningless on FLUX\.1"),
+    (ANIMA, "preset", "attn-only", r"preset='attn-only' describes SD/SDXL UNet layers; on Anima"),
+    (FLUX, "ggpo_beta", "0.01", r"LoRA-GGPO .* no DoRA form"),
+    (FLUX, "train_blocks", "both", r"train_blocks='both' must be all, single or double"),
+    (FLUX, "train_double_block_indices", "0-19", r"'0-19' is not a block index or range within 0-18"),
+    (FLUX, "in_dims", "1,2", r"needs 5 ranks \(img, time, vector, guidance, txt\)"),
+    (ANIMA, "exclude_patterns", "[", r"not a quoted regex or a list"),
+    (FLUX, "network_reg_dims", "attn", r"'attn' is not 'regex=value'"),
+    (FLUX, "split_qkv", "True", r"split_qkv=True is not supported yet"),
+])
+def test_family_options_refused_with_the_reason(family, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        parse_network_args(4, 1, family=family, **{key: value})
+
+
+def test_options_that_select_nothing_are_refused(flux_meta):
+    with pytest.raises(ValueError, match=r"no layer matched on this FLUX\.1 model"):
+        create_network(1.0, 4, 1, None, [], flux_meta[1], train_double_block_indices="none",
+                       train_single_block_indices="none")
+
+
+# -- the network on each family, tiny and on the CPU ---------------------------------------------------------------
+def _flux_case():
+    text_encoders, flux = build_flux_text_encoders("cpu", tiny=True), build_flux("cpu", tiny=True)
+    gen = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(2, 6, 8, generator=gen), torch.randn(2, 5, 16, generator=gen),
+              torch.randn(2, 256, generator=gen), torch.randn(2, 12, generator=gen), torch.randn(2, 256, generator=gen))
+    return text_encoders, flux, lambda model: model(*inputs), {"train_t5xxl": "True"}
+
+
+def _anima_case():
+    text_encoders, anima = [build_qwen3("cpu", tiny=True)], build_anima("cpu", tiny=True)
+    gen = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(2, 6, 12, generator=gen), torch.rand(2, generator=gen), torch.randn(2, 5, 16, generator=gen))
+    return text_encoders, anima, lambda model: model(*inputs), {"train_llm_adapter": "true"}
+
+
+CASES = {"flux": _flux_case, "anima": _anima_case}
+
+
+def _trained(network) -> None:
+    """Give every adapter a non-trivial update and magnitude, as training would."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for module in network.loras:
+            module.lora_up.weight.copy_(torch.randn(module.lora_up.weight.shape, generator=gen) * 0.1)
+            if module.dora:
+                module.dora_scale.mul_(1 + 0.1 * torch.randn(module.dora_scale.shape, generator=gen))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("wd_on_out", [False, True])
+def test_forward_equals_float64_formula_and_merge(case, wd_on_out):
+    text_encoders, model, run, options = CASES[case]()
+    base_out = run(model)
+    network = create_network(1.0, 4, 2, None, text_encoders, model, wd_on_out=str(wd_on_out), **options)
+    network.apply_to(text_encoders, model, True, True)
+    _trained(network)
+    network.eval()
+    with torch.no_grad():
+        adapted = run(model)
+        network.set_multiplier(0.0)  # differential output preservation runs the base this way
+        assert torch.allclose(run(model), base_out, atol=1e-6)
+        network.set_multiplier(1.0)
+
+    network.restore()
+    reference = copy.deepcopy(model)  # after restore: a copy of a patched model would copy the adapters too
+    layers = dict(reference.named_modules())
+    unet_paths = {t.lora_name: t.path for t in network.targets if t.component == "unet"}
+    state = network.state_dict()
+    with torch.no_grad():
+        for name, path in unet_paths.items():
+            tensors = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(name + ".")}
+            layer = layers[path]
+            layer.weight.copy_(explicit_weight(layer.weight, tensors, 1.0).float())
+        assert torch.allclose(run(reference), adapted, atol=2e-5, rtol=1e-4)
+        network.merge_to(text_encoders, model, None)
+        assert torch.allclose(run(model), adapted, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_save_reload_bit_for_bit_and_hooks(case, tmp_path):
+    text_encoders, model, run, options = CASES[case]()
+    network = create_network(1.0, 4, 2, None, text_encoders, model, **options)
+    network.apply_to(text_encoders, model, True, True)
+    network.prepare_grad_etc(text_encoders, model)
+    _trained(network)
+    network.train()
+    run(model).square().mean().backward()
+    network.update_grad_norms()
+    network.update_norms()
+    count = len(network.loras)
+    assert network.weight_norms().shape == (count,) and torch.isfinite(network.weight_norms()).all()
+    assert network.combined_weight_norms().shape == (count,)
+    with_grad = sum(any(p.grad is not None for p in m.parameters()) for m in network.loras)
+    assert 0 < with_grad < count  # the text encoders did not run
+    assert network.grad_norms().shape[0] == with_grad
+    file = tmp_path / f"{case}.safetensors"
+    network.save_weights(str(file), torch.float32, {"ss_network_module": "dora_network"})
+
+    fresh_te, fresh_model, _, _ = CASES[case]()
+    reloaded, weights = create_network_from_weights(1.0, str(file), None, fresh_te, fresh_model)
+    assert {t.lora_name for t in reloaded.targets} == {t.lora_name for t in network.targets}
+    info = reloaded.load_state_dict(weights, strict=False)
+    assert not info.missing_keys and not info.unexpected_keys
+    saved, loaded = network.state_dict(), reloaded.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert reloaded.train_t5xxl == network.train_t5xxl
+
+
+def test_flux_text_encoder_learning_rates_follow_positions():
+    text_encoders, flux, _, _ = _flux_case()
+    network = create_network(1.0, 4, 2, None, text_encoders, flux, train_t5xxl="True")
+    network.apply_to(text_encoders, flux, True, True)
+    groups, names = network.prepare_optimizer_params_with_multiple_te_lrs([1e-5, 2e-5], 1e-4, 1e-3)
+    assert names == ["textencoder 1", "textencoder 2", "unet"]
+    assert [g["lr"] for g in groups] == [1e-5, 2e-5, 1e-4]
+    first = {id(p) for p in groups[0]["params"]}
+    clip_params = {id(p) for m in network.text_encoder_loras if m.lora_name.startswith("lora_te1_")
+                   for p in m.parameters()}
+    assert first == clip_params
+
+
+def test_network_reg_lrs_make_their_own_groups():
+    text_encoders, flux, _, _ = _flux_case()
+    network = create_network(1.0, 4, 2, None, text_encoders, flux, network_reg_lrs="single_blocks=5e-5")
+    network.apply_to(text_encoders, flux, False, True)
+    groups, names = network.prepare_optimizer_params_with_multiple_te_lrs(None, 1e-4, 1e-3)
+    assert names == ["unet reg_lr_0", "unet"]
+    assert groups[0]["lr"] == 5e-5 and groups[1]["lr"] == 1e-4
+    single = {id(p) for m in network.unet_loras if "single_blocks" in m.lora_name for p in m.parameters()}
+    assert {id(p) for p in groups[0]["params"]} == single
+
+
+def test_anima_trainer_applies_no_text_encoder_adapters():
+    """anima_train_network.py: is_train_text_encoder() is False, so apply_to(..., False, True); the file has the
+    DiT's modules only, like lora_anima's."""
+    text_encoders, anima, _, _ = _anima_case()
+    network = create_network(1.0, 4, 2, None, text_encoders, anima)
+    network.apply_to(text_encoders, anima, False, True)
+    assert network.text_encoder_loras == []
+    assert all(re.match(r"lora_unet_blocks_\d+_", key) for key in network.state_dict())
