@@ -378,11 +378,8 @@ def parse_network_args(
             f"network_args: preset={parsed['preset']!r} describes SD/SDXL UNet layers; on {family.title} choose "
             f"layers with {', '.join(sorted(family.options)) or 'network_reg_dims'} instead"
         )
-    if family_options.get("split_qkv"):
-        raise ValueError(
-            "network_args: split_qkv=True is not supported yet: dora_network trains FLUX's fused qkv/linear1 as one "
-            "DoRA layer with one magnitude (what every loader applies exactly). Leave split_qkv out"
-        )
+    if family_options.get("split_qkv") and parsed.get("rs_lora"):
+        raise ValueError("network_args: split_qkv=True with rs_lora=True is not supported; choose one")
     for key, field_name in (("network_reg_dims", "reg_dims"), ("network_reg_lrs", "reg_lrs")):
         if key in parsed:
             parsed[field_name] = parsed.pop(key)

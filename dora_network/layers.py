@@ -53,6 +53,13 @@ def layer_kind(module: nn.Module) -> str:
     raise ValueError(f"DoRA adapters wrap nn.Linear or nn.Conv2d, not {type(module).__name__}")
 
 
+def _save_block_diagonal(module: "DoRAModule", state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """Split parts are saved exactly as the math reads them (off-block zeros), whatever an optimizer did."""
+    key = prefix + "lora_up.weight"
+    if key in state_dict and module._up_mask is not None:
+        state_dict[key] = module.up_weight if state_dict[key].requires_grad else module.up_weight.detach()
+
+
 class DoRAModule(nn.Module):
     """A DoRA / LoRA adapter for one base layer.
 
@@ -71,6 +78,11 @@ class DoRAModule(nn.Module):
         module_dropout: skip the adapter with this probability, training only.
         multiplier: strength mu; W(mu) = W0 + mu * (W' - W0).
         rs_lora: see ``alpha``.
+        parts: output rows of each part of a fused Linear (FLUX ``split_qkv``: q, k, v[, MLP]). Each part gets
+            its own rank-r factors: ``lora_down`` stacks them (P*r, in) and ``lora_up`` is block-diagonal
+            (out, P*r), kept so by a mask in every read (off-block entries get no gradient and are saved as zeros).
+            The stored alpha is P*alpha, so alpha/rank in the file is the trained alpha/r for every loader. One
+            magnitude covers the fused weight.
     """
 
     def __init__(
@@ -89,10 +101,16 @@ class DoRAModule(nn.Module):
         module_dropout: float | None = None,
         multiplier: float = 1.0,
         rs_lora: bool = False,
+        parts: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.lora_name = lora_name
         self.kind = layer_kind(base)
+        if parts is not None:
+            if self.kind != "linear" or sum(parts) != base.weight.shape[0] or rs_lora:
+                raise ValueError(f"{lora_name}: split parts {parts} need a Linear with {sum(parts)} output rows "
+                                 f"(and no rs_lora)")
+            rank, alpha = rank * len(parts), (float(alpha) if alpha else float(rank)) * len(parts)
         object.__setattr__(self, "base_layer", base)  # unregistered on purpose
         weight = base.weight
         out_dim, in_dim = weight.shape[0], weight.shape[1]
@@ -145,8 +163,27 @@ class DoRAModule(nn.Module):
         self._scale_memo: tuple[tuple, float] | None = None  # (alpha's identity, alpha / rank)
         self._had_instance_forward = False
         self.precalculated = False  # True while the blended weight is baked into the base (network_pre_calc)
+        mask = None if parts is None else torch.block_diag(*(torch.ones(rows, rank // len(parts)) for rows in parts))
+        self.register_buffer("_up_mask", None if mask is None else mask.to(weight.device), persistent=False)
+        if parts is not None:
+            self._register_state_dict_hook(_save_block_diagonal)
+            self._register_load_state_dict_pre_hook(self._refuse_dense_up)
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
+    @property
+    def up_weight(self) -> torch.Tensor:
+        """``lora_up``'s weight as the math reads it: block-diagonal for split parts, as stored otherwise."""
+        up = self.lora_up.weight
+        return up if self._up_mask is None else up * self._up_mask.to(up.dtype)
+
+    def _refuse_dense_up(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        up = state_dict.get(prefix + "lora_up.weight")
+        if up is not None and up.shape == self._up_mask.shape and bool((up * (1 - self._up_mask.to(up.dtype))).any()):
+            raise ValueError(
+                f"{self.lora_name}: the file's lora_up is not block-diagonal, so it was not trained with split_qkv; "
+                f"load it without split_qkv=True (its q, k and v share one low-rank factor)"
+            )
+
     @property
     def scale(self) -> float:
         """s = alpha / rank, read from the buffer so a loaded alpha takes effect.
@@ -224,7 +261,7 @@ class DoRAModule(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """s * B A (Tucker: s * B T A) in float32, shaped like the base weight."""
         mid = self.lora_mid.weight if self.use_tucker else None
-        return DF.lowrank_delta(self.lora_up.weight, self.lora_down.weight, self.scale, mid)
+        return DF.lowrank_delta(self.up_weight, self.lora_down.weight, self.scale, mid)
 
     @staticmethod
     def _identity(*tensors: torch.Tensor | None) -> tuple:
@@ -261,7 +298,7 @@ class DoRAModule(nn.Module):
         Outside backward it is always recomputed: some optimizers (bitsandbytes, ``p.data`` updates) write
         parameters without bumping their version counters, so a memo could not tell a new step from the last.
         """
-        up, down = self.lora_up.weight, self.lora_down.weight
+        up, down = self.up_weight, self.lora_down.weight
         mid = self.lora_mid.weight if self.use_tucker else None
         if _compiling():  # no memo (its identity checks would break the graph); recomputed under checkpointing
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
@@ -289,7 +326,7 @@ class DoRAModule(nn.Module):
         """||s B A||_F (the update LoRA adds; what ``--scale_weight_norms`` caps), from r x r Gram matrices."""
         mid = self.lora_mid.weight if self.use_tucker else None
         with torch.no_grad():
-            return DF.lowrank_frobenius(self.lora_up.weight, self.lora_down.weight, self.scale, mid)
+            return DF.lowrank_frobenius(self.up_weight, self.lora_down.weight, self.scale, mid)
 
     def dora_weight_norm(self) -> torch.Tensor:
         """||W'||_F of this adapter's DoRA weight (strength 1), from the axis norms the forward computed.
@@ -302,7 +339,7 @@ class DoRAModule(nn.Module):
         if memo is not None and memo[0] == self._norm_key():
             norm = memo[1]
         else:
-            up, down = self.lora_up.weight, self.lora_down.weight
+            up, down = self.up_weight, self.lora_down.weight
             mid = self.lora_mid.weight if self.use_tucker else None
             with torch.no_grad():
                 norm = DF.adapted_norm(self.base_weight, up, down, self.scale, self.wd_on_out, mid, self._base_sq())
@@ -353,7 +390,7 @@ class DoRAModule(nn.Module):
         Folding the scale into the tiny weight costs one pass over r * out numbers instead of two passes (forward
         and backward) over the activation-sized output.
         """
-        up = self.lora_up.weight
+        up = self.up_weight
         if isinstance(up_scale, torch.Tensor):
             return up * up_scale.reshape((-1,) + (1,) * (up.dim() - 1)).to(up.dtype)
         return up * up_scale

@@ -103,10 +103,14 @@ class DoRANetwork(nn.Module):
         else:
             rank, alpha, dora, wd_on_out, tucker, rs_lora = (target.rank or a.rank, a.alpha, a.dora, a.wd_on_out,
                                                              False, a.rs_lora)
+        parts = None
+        if spec is None and a.family_options.get("split_qkv") and target.component == "unet":
+            weight = target.module.weight
+            parts = self.family.fused_parts(target.path, int(weight.shape[1]), int(weight.shape[0]))
         return DoRAModule(
             target.lora_name, target.module, rank, alpha, dora=dora, wd_on_out=wd_on_out, use_tucker=tucker,
             detach_norm=a.detach_norm, dropout=a.dropout, rank_dropout=a.rank_dropout,
-            module_dropout=a.module_dropout, multiplier=self.multiplier, rs_lora=rs_lora,
+            module_dropout=a.module_dropout, multiplier=self.multiplier, rs_lora=rs_lora, parts=parts,
         )
 
     def _log_summary(self) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dora_network import create_network, create_network_from_weights
@@ -153,7 +154,7 @@ def test_anima_include_and_exclude_patterns(anima_meta):
     (FLUX, "in_dims", "1,2", r"needs 5 ranks \(img, time, vector, guidance, txt\)"),
     (ANIMA, "exclude_patterns", "[", r"not a quoted regex or a list"),
     (FLUX, "network_reg_dims", "attn", r"'attn' is not 'regex=value'"),
-    (FLUX, "split_qkv", "True", r"split_qkv=True is not supported yet"),
+    (FLUX, "split_qkv", "yes please", r"split_qkv='yes please' is not a boolean"),
 ])
 def test_family_options_refused_with_the_reason(family, key, value, message):
     with pytest.raises(ValueError, match=message):
@@ -288,3 +289,56 @@ def test_anima_trainer_applies_no_text_encoder_adapters():
     network.apply_to(text_encoders, anima, False, True)
     assert network.text_encoder_loras == []
     assert all(re.match(r"lora_unet_blocks_\d+_", key) for key in network.state_dict())
+
+
+def test_split_qkv_trains_parts_and_saves_a_file_every_loader_applies_at_trained_strength(tmp_path):
+    """q, k, v (and linear1's MLP input) get their own rank-r factors; the file holds one block-diagonal module
+    under the fused name with alpha scaled by the number of parts, so alpha/rank is the trained alpha/r, and the
+    formula applied to the file (what ComfyUI/LyCORIS/our loaders compute) is the trained layer."""
+    text_encoders, flux, run, _ = _flux_case()
+    network = create_network(1.0, 4, 2, None, text_encoders, flux, split_qkv="True")
+    network.apply_to(text_encoders, flux, False, True)
+    modules = dict(network.named_children())
+    qkv = modules["lora_unet_double_blocks_0_img_attn_qkv"]
+    linear1 = modules["lora_unet_single_blocks_0_linear1"]
+    assert (qkv.rank, float(qkv.alpha), linear1.rank, float(linear1.alpha)) == (12, 6.0, 16, 8.0)
+    assert modules["lora_unet_double_blocks_0_img_attn_proj"].rank == 4
+    _trained(network)  # writes off-block entries too: the math must not see them
+    network.train()
+    run(flux).square().mean().backward()
+    off_block = 1 - qkv._up_mask
+    assert not (qkv.lora_up.weight.grad * off_block).any()
+
+    file = tmp_path / "split.safetensors"
+    network.save_weights(str(file), torch.float32, {})
+    from safetensors.torch import load_file
+
+    saved = load_file(str(file))
+    up = saved["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
+    assert up.shape == (96, 12) and not (up * off_block).any()
+    assert float(saved["lora_unet_single_blocks_0_linear1.alpha"]) / 16 == 2 / 4
+
+    network.eval()
+    with torch.no_grad():
+        adapted = run(flux)
+        network.restore()
+        for name in ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"):
+            layer = dict(flux.named_modules())[next(t.path for t in network.targets if t.lora_name == name)]
+            tensors = {k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith(name + ".")}
+            w = explicit_weight(layer.weight, tensors, 1.0).float()
+            x = torch.randn(3, layer.weight.shape[1])
+            network.apply_to(text_encoders, flux, False, True)
+            got = layer(x)
+            network.restore()
+            assert torch.allclose(got, F.linear(x, w, layer.bias), atol=2e-5, rtol=1e-4)
+    assert adapted.isfinite().all()
+
+    fresh_te, fresh_flux, _, _ = _flux_case()
+    reloaded, weights = create_network_from_weights(1.0, str(file), None, fresh_te, fresh_flux)
+    assert not reloaded.load_state_dict(weights, strict=False).unexpected_keys
+
+    dense = dict(saved)
+    dense["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"] = torch.ones(96, 12)
+    split = create_network(1.0, 4, 2, None, [], build_flux("cpu", tiny=True), split_qkv="True")
+    with pytest.raises(ValueError, match=r"not block-diagonal, so it was not trained with split_qkv"):
+        split.load_file_state(dense)

@@ -117,6 +117,10 @@ class Family:
         """
         return lora_name, False
 
+    def fused_parts(self, path: str, in_features: int, out_features: int) -> tuple[int, ...] | None:
+        """Output rows of each part of a fused projection that ``split_qkv`` trains separately; None if not fused."""
+        return None
+
     # -- names in files ------------------------------------------------------------------------------------------
     def unet_aliases(self, path: str) -> tuple[str, ...]:
         """Other dotted paths that files written for other tools use for this denoiser layer."""
