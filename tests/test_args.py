@@ -142,7 +142,9 @@ def test_every_key_is_documented_in_readme():
     from pathlib import Path
 
     from dora_network.args import _ALIASES, _PARSERS
+    from dora_network.families import FAMILIES
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for key in list(_PARSERS) + list(_ALIASES):
+    family_keys = [key for family in FAMILIES for key in family.options]
+    for key in list(_PARSERS) + list(_ALIASES) + family_keys:
         assert f"`{key}`" in readme, key

@@ -342,3 +342,16 @@ def test_split_qkv_trains_parts_and_saves_a_file_every_loader_applies_at_trained
     split = create_network(1.0, 4, 2, None, [], build_flux("cpu", tiny=True), split_qkv="True")
     with pytest.raises(ValueError, match=r"not block-diagonal, so it was not trained with split_qkv"):
         split.load_file_state(dense)
+
+
+@pytest.mark.parametrize("case, title", [("flux", "FLUX.1"), ("anima", "Anima")])
+def test_dora_inspect_names_the_family_of_a_dit_file(case, title, tmp_path):
+    from dora_network.tools.inspect import format_report, inspect_file
+
+    text_encoders, model, _, options = CASES[case]()
+    network = create_network(1.0, 4, 2, None, text_encoders, model, **options)
+    file = tmp_path / f"{case}.safetensors"
+    network.save_weights(str(file), torch.float16, {})
+    report = inspect_file(str(file))
+    assert report.base_model == title and report.loaders == {}
+    assert f"not judged: the loader rules were measured on SD/SDXL files, not on {title}" in format_report(report)

@@ -5,6 +5,7 @@ Order matters: the first family that recognises the model wins (SDXL before SD, 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 from torch import nn
@@ -15,7 +16,7 @@ from .flux import FLUX
 from .sd import SD
 from .sdxl import SDXL
 
-__all__ = ["FAMILIES", "Family", "TextEncoderSlot", "detect_family", "family_named"]
+__all__ = ["FAMILIES", "Family", "TextEncoderSlot", "detect_family", "family_named", "family_of_file"]
 
 FAMILIES: tuple[Family, ...] = (FLUX, ANIMA, SDXL, SD)
 
@@ -26,6 +27,15 @@ def family_named(name: str) -> Family:
         if family.name == name:
             return family
     raise ValueError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def family_of_file(module_names: Sequence[str]) -> Family | None:
+    """The family whose own module names a file uses (FLUX.1's ``double_blocks_N_img_attn_qkv``, ...), or None when
+    no family claims them (SD-style UNet files, told apart by their text encoders and layout)."""
+    for family in FAMILIES:
+        if family.file_pattern and any(re.fullmatch(family.file_pattern, name) for name in module_names):
+            return family
+    return None
 
 
 def _summary(module: nn.Module | None) -> str:

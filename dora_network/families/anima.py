@@ -37,6 +37,7 @@ class AnimaFamily(Family):
     title = "Anima"
     trainers = "anima_train_network.py"
     sd_scripts_module = "networks.lora_anima"
+    file_pattern = r"lora_unet_(blocks_\d+_(self|cross)_attn_output_proj|blocks_\d+_mlp_layer[12]|llm_adapter_blocks_\d+_.*)"
     options = {
         "train_llm_adapter": _bool,
         "include_patterns": parse_pattern_list,

@@ -73,6 +73,7 @@ class Family:
         has_convs: whether ``conv_dim`` can mean anything (kxk convs inside the adapted blocks).
         has_presets: whether the SD-style ``preset`` choices (attn-only, unet-only, ...) mean anything.
         options: the family's own ``network_args`` -> parser; every other family's keys are refused by name.
+        file_pattern: tells this family's files from the module names alone (tools that see only a file).
     """
 
     name: str = ""
@@ -82,6 +83,8 @@ class Family:
     unet_prefix: str = "lora_unet"
     has_convs: bool = False
     has_presets: bool = False
+    #: a regex that a module name of this family's files matches (and no other family's do); None: none of its own
+    file_pattern: str | None = None
     options: Mapping[str, OptionParser] = {}
 
     # -- recognition ---------------------------------------------------------------------------------------------

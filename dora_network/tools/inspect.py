@@ -36,6 +36,7 @@ import torch
 from ..io import load_file, safetensors_hashes
 from ..keys import DORA_SCALE, ModuleSpec, group_by_module, infer_spec
 from ..loading import nonfinite_modules
+from ..families import family_of_file
 from .base_model import BaseModel, ModelMatch, load_base_model
 from .cli import add_report_flags, make_parser, parse_args, setup_logging
 from .file_modules import file_axis
@@ -77,7 +78,7 @@ class FileReport:
         unknown_key_count: how many such keys.
         broken: modules whose tensors do not form a LoRA (name -> error).
         nonfinite: modules holding NaN/Inf.
-        base_model: "SDXL", "SD1/SD2" or "unknown" (guessed from the prefixes and metadata).
+        base_model: a DiT family's title (FLUX.1, Anima: from its own module names), "SDXL", "SD1/SD2" or "unknown".
         by_kind: modules per kind (:data:`KINDS`).
         by_part: modules per part (:data:`PARTS`).
         unet_naming: "SAI", "diffusers", "mixed" or "none".
@@ -201,7 +202,9 @@ def inspect_file(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tens
         hashes_match = safetensors_hashes(state_dict, metadata)[0] == metadata["sshs_model_hash"]
     parts = {m.part for m in modules}
     base_version = metadata.get("ss_base_model_version", "")
-    base_model = ("SDXL" if parts & {"TE1", "TE2"} or base_version.startswith("sdxl") else
+    dit = family_of_file([m.name for m in modules])
+    base_model = (dit.title if dit is not None else
+                  "SDXL" if parts & {"TE1", "TE2"} or base_version.startswith("sdxl") else
                   "SD1/SD2" if "TE" in parts or any("blocks_3_" in m.name for m in modules) else "unknown")
     by_kind = Counter(m.kind for m in modules)
     by_part = Counter(m.part for m in modules)
@@ -236,7 +239,7 @@ def inspect_file(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tens
         metadata={k: metadata[k] for k in sorted(metadata) if k in METADATA_KEYS or k.startswith("dora_network.")},
         hashes_match=hashes_match,
         model=None if base is None else base.match(specs),
-        loaders=judge(facts),
+        loaders=judge(facts) if dit is None else {},  # the loader rules were measured on SD/SDXL files
     )
     logger.info("%s: %d modules (%s), %s", source, report.modules, report.algo,
                 ", ".join(f"{k} {v}" for k, v in report.verdicts().items()))
@@ -285,6 +288,9 @@ def format_report(report: FileReport) -> str:
         for label, names in (("unmatched", m.unmatched), ("shape mismatch", m.shape_mismatch)):
             if names:
                 lines.append(f"  {label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
+    if not r.loaders:
+        lines.append(f"loaders:    not judged: the loader rules were measured on SD/SDXL files, not on {r.base_model}")
+        return "\n".join(lines)
     lines.append("loaders:")
     width = max(len(name) for name in r.loaders)
     for name, verdict in r.loaders.items():
