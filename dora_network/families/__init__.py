@@ -11,12 +11,12 @@ from typing import Any, Sequence
 from torch import nn
 
 from .anima import ANIMA
-from .base import Family, TextEncoderSlot, class_names
+from .base import Family, TextEncoderSlot
 from .flux import FLUX
 from .sd import SD
 from .sdxl import SDXL
 
-__all__ = ["FAMILIES", "Family", "TextEncoderSlot", "detect_family", "family_named", "family_of_file"]
+__all__ = ["ANIMA", "FAMILIES", "FLUX", "SD", "SDXL", "Family", "TextEncoderSlot", "detect_family", "family_named", "family_of_file"]
 
 FAMILIES: tuple[Family, ...] = (FLUX, ANIMA, SDXL, SD)
 

@@ -11,11 +11,11 @@ attention/MLP layers are named ``lora_te_layers_N_...``.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from torch import nn
 
-from .base import Family, TextEncoderSlot, class_names, parse_pattern_list
+from .base import Family, TextEncoderSlot, class_names, parse_flag, parse_pattern_list
 
 if TYPE_CHECKING:
     from ..args import NetworkArgs
@@ -26,11 +26,6 @@ DEFAULT_EXCLUDE = r".*(_modulation|_norm|_embedder|final_layer).*"
 QWEN3_CLASSES = (r"Qwen3\w*Attention\w*", "Qwen3MLP")
 
 
-def _bool(key: str, value: Any) -> bool:
-    from ..args import parse_bool  # args imports nothing from families: no cycle at import time
-
-    return parse_bool(key, value)
-
 
 class AnimaFamily(Family):
     name = "anima"
@@ -39,7 +34,7 @@ class AnimaFamily(Family):
     sd_scripts_module = "networks.lora_anima"
     file_pattern = r"lora_unet_(blocks_\d+_(self|cross)_attn_output_proj|blocks_\d+_mlp_layer[12]|llm_adapter_blocks_\d+_.*)"
     options = {
-        "train_llm_adapter": _bool,
+        "train_llm_adapter": parse_flag,
         "include_patterns": parse_pattern_list,
         "exclude_patterns": parse_pattern_list,
     }

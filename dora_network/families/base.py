@@ -26,6 +26,7 @@ __all__ = [
     "TextEncoderSlot",
     "class_names",
     "parse_block_selection",
+    "parse_flag",
     "parse_int_list",
     "parse_optional_rank",
     "parse_pattern_list",
@@ -135,6 +136,13 @@ class Family:
 
 
 # -- option parsers shared by several families (sd-scripts' spellings) --------------------------------------------
+def parse_flag(key: str, value: Any) -> bool:
+    """args.parse_bool's strict booleans (imported when called: args imports the families)."""
+    from ..args import parse_bool
+
+    return parse_bool(key, value)
+
+
 def parse_block_selection(total: int) -> OptionParser:
     """``all``, ``none``, or comma-separated indices and inclusive ranges (``0,2-5``), as sd-scripts' FLUX module."""
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from torch import nn
 
-from .base import (Family, TextEncoderSlot, class_names, parse_block_selection, parse_int_list,
+from .base import (Family, TextEncoderSlot, class_names, parse_block_selection, parse_flag, parse_int_list,
                    parse_optional_rank)
 from .sd import CLIP_CLASSES
 
@@ -55,11 +55,6 @@ def _refused(reason: str):
     return parse
 
 
-def _bool(key: str, value: Any) -> bool:
-    from ..args import parse_bool  # args imports nothing from families: no cycle at import time
-
-    return parse_bool(key, value)
-
 
 class FluxFamily(Family):
     name = "flux"
@@ -73,8 +68,8 @@ class FluxFamily(Family):
         "train_single_block_indices": parse_block_selection(SINGLE_BLOCKS),
         **{key: parse_optional_rank for key, _ in TYPE_DIMS},
         "in_dims": parse_int_list(len(IN_LAYERS), "img, time, vector, guidance, txt"),
-        "train_t5xxl": _bool,
-        "split_qkv": _bool,
+        "train_t5xxl": parse_flag,
+        "split_qkv": parse_flag,
         "ggpo_beta": _refused("LoRA-GGPO perturbs the plain-LoRA product and has no DoRA form; leave it out"),
         "ggpo_sigma": _refused("LoRA-GGPO perturbs the plain-LoRA product and has no DoRA form; leave it out"),
     }
