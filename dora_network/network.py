@@ -8,7 +8,6 @@ targets.py (which layers), loading.py (files -> layers), io.py (bytes on disk) a
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
@@ -205,9 +204,9 @@ class DoRANetwork(nn.Module):
         by_rate: dict[int, list[DoRAModule]] = {}
         paths = {t.lora_name: t.path for t in self.targets}
         for module in modules:
-            subject, whole = self.family.reg_subject(module.lora_name, paths.get(module.lora_name, ""))
+            path = paths.get(module.lora_name, "")
             match = next((i for i, (pattern, _) in enumerate(self.args.reg_lrs)
-                          if (re.fullmatch if whole else re.search)(pattern, subject)), -1)
+                          if self.family.reg_matches(pattern, module.lora_name, path)), -1)
             by_rate.setdefault(match, []).append(module)
         groups, names = [], []
         for match, members in sorted(by_rate.items(), key=lambda item: item[0] < 0):

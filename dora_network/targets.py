@@ -142,9 +142,8 @@ def _slots(family: Family, text_encoders: Sequence[nn.Module | None]) -> list[tu
 
 def _option_rank(family: Family, target: Target, args: NetworkArgs) -> int | None:
     """``network_reg_dims`` first (first pattern that matches), then the family's per-type options."""
-    subject, whole = family.reg_subject(target.lora_name, target.path)
     for pattern, rank in args.reg_dims:
-        if (re.fullmatch if whole else re.search)(pattern, subject):
+        if family.reg_matches(pattern, target.lora_name, target.path):
             return rank
     if target.component == "unet":
         return family.type_rank(target.lora_name, target.path, args)

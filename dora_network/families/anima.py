@@ -61,8 +61,8 @@ class AnimaFamily(Family):
             return True
         return any(re.fullmatch(p, path) for p in options.get("include_patterns", ()))
 
-    def reg_subject(self, lora_name: str, path: str) -> tuple[str, bool]:
-        return path, True
+    def reg_matches(self, pattern: str, lora_name: str, path: str) -> bool:
+        return re.fullmatch(pattern, path) is not None
 
 
 ANIMA = AnimaFamily()

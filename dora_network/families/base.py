@@ -114,16 +114,12 @@ class Family:
         """A rank an option sets for this layer (0 skips it), or None for the network's rank."""
         return None
 
-    def reg_subject(self, lora_name: str, path: str) -> tuple[str, bool]:
-        """What ``network_reg_dims``/``network_reg_lrs`` patterns match, and whether they must match it whole.
+    def reg_matches(self, pattern: str, lora_name: str, path: str) -> bool:
+        """Whether a ``network_reg_dims``/``network_reg_lrs`` pattern picks this layer.
 
-        sd-scripts' FLUX module searches the lora_name; Anima's fully matches the dotted module path.
+        sd-scripts' FLUX module searches the lora_name anywhere; Anima's fully matches the dotted module path.
         """
-        return lora_name, False
-
-    def fused_parts(self, path: str, in_features: int, out_features: int) -> tuple[int, ...] | None:
-        """Output rows of each part of a fused projection that ``split_qkv`` trains separately; None if not fused."""
-        return None
+        return re.search(pattern, lora_name) is not None
 
     # -- names in files ------------------------------------------------------------------------------------------
     def unet_aliases(self, path: str) -> tuple[str, ...]:
