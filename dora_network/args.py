@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .families import FAMILIES, Family
+from .families.base import parse_optional_rank
 from .families.sd import PRESETS
 from .families.sdxl import SDXL
 
@@ -191,10 +192,6 @@ def _regex_pairs(parse_value: Callable[[str, str], Any]) -> Callable[[str, Any],
     return parse
 
 
-def _rank_or_zero(key: str, value: Any) -> int:
-    return 0 if str(value).strip() in ("0", "0.0") else _parse_positive_int(key, value)
-
-
 def _learning_rate(key: str, value: Any) -> float:
     return _parse_float(key, value, 0.0, math.inf, False, "1e-4")
 
@@ -227,7 +224,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "loraplus_text_encoder_lr_ratio": _lr_ratio,
     "enable_conv": parse_bool,
     "allow_partial_load": parse_bool,
-    "network_reg_dims": _regex_pairs(_rank_or_zero),
+    "network_reg_dims": _regex_pairs(parse_optional_rank),
     "network_reg_lrs": _regex_pairs(_learning_rate),
     "verbose": parse_bool,
     # LyCORIS keys that GUIs emit with harmless values; anything else is refused with the reason.
@@ -373,7 +370,7 @@ def parse_network_args(
             f"network_args: conv_dim is meaningless on {family.title}: its blocks have no kxk convolution, so it "
             f"would train nothing. Leave conv_dim/conv_alpha out"
         )
-    if parsed.get("preset", "full") != "full" and family.name not in ("sd", "sdxl"):
+    if parsed.get("preset", "full") != "full" and not family.has_presets:
         raise ValueError(
             f"network_args: preset={parsed['preset']!r} describes SD/SDXL UNet layers; on {family.title} choose "
             f"layers with {', '.join(sorted(family.options)) or 'network_reg_dims'} instead"

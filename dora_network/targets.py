@@ -72,8 +72,6 @@ def normalize_text_encoders(text_encoder: Any) -> list[nn.Module | None]:
     for te in encoders:
         if te is not None and not isinstance(te, nn.Module):
             raise TypeError(f"text encoders must be nn.Module or None, got {type(te).__name__}")
-    while encoders and encoders[-1] is None:
-        encoders.pop()
     return encoders
 
 
@@ -193,13 +191,12 @@ def find_targets(
         if rank == 0:
             continue
         targets.append(_finish(family, target, rank))
-    if unet is not None:
-        for part, rank in family.extra_unet_layers(args):
-            for target in _walk_all(unet, family.unet_prefix, "unet", False, None, seen):
-                if part in target.lora_name:
-                    targets.append(_finish(family, target, rank))
-                else:
-                    seen.discard(target.lora_name)
+    extras = family.extra_unet_layers(args)
+    if unet is not None and extras:  # layers outside the containers that options add (FLUX in_dims)
+        for target in _walk_all(unet, family.unet_prefix, "unet", False, None, seen):
+            rank = next((rank for part, rank in extras if part in target.lora_name), 0)
+            if rank:
+                targets.append(_finish(family, target, rank))
     return targets
 
 
