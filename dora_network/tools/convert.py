@@ -5,7 +5,7 @@ Exact conversions (the adapted weights do not change; the reported error is 0 or
 * :func:`reshape_dora_scale`: 1-D ``dora_scale`` -> LyCORIS' (1, in[, 1, 1]) / (out, 1[, 1, 1]).
 * :func:`fold_alpha`: ``lora_up *= alpha / rank`` and ``alpha = rank`` (what old SD.Next needs).
 * :func:`convert_unet_names`: SDXL UNet names SAI (``input_blocks_4_1_...``) <-> diffusers (``down_blocks_1_...``),
-  worked out on the underscore names alone from SDXL's block table (families/sdxl.py) (no model needed).
+  worked out on the underscore names alone from SDXL's block table in families/sdxl.py (no model needed).
 * :func:`classic_text_encoder_names`: ``lora_te1_encoder_...`` (transformers 5) -> ``lora_te1_text_model_encoder_...``.
 * :func:`cast_dtype`: fp32 <-> fp16/bf16 (exact when widening; narrowing reports the rounding error).
 
