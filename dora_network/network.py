@@ -234,7 +234,8 @@ class DoRANetwork(nn.Module):
     def prepare_optimizer_params_with_multiple_te_lrs(
         self, text_encoder_lr: Any, unet_lr: float | None, default_lr: float | None
     ) -> tuple[list[dict[str, Any]], list[str]]:
-        """Param groups with one rate per text encoder (``--text_encoder_lr a b``: SDXL TE1/TE2, FLUX CLIP-L/T5),
+        """Param groups with one rate per text encoder (``--text_encoder_lr a b``: SDXL TE1/TE2, FLUX CLIP-L/T5,
+        SD3 CLIP-L/CLIP-G/T5 with the last rate repeated),
         ``network_reg_lrs`` and LoRA+ ratios."""
         self.requires_grad_(True)
         position = self._te_position()
@@ -244,7 +245,7 @@ class DoRANetwork(nn.Module):
             te_lrs = [text_encoder_lr] * count
         else:
             te_lrs = list(text_encoder_lr) or [None]
-            te_lrs = te_lrs + [te_lrs[0]] * (count - len(te_lrs))
+            te_lrs = te_lrs + [te_lrs[-1]] * (count - len(te_lrs))  # the last rate repeats: SD3's [a, b] -> a, b, b
         a = self.args
         te_ratio = a.loraplus_text_encoder_lr_ratio or a.loraplus_lr_ratio
         unet_ratio = a.loraplus_unet_lr_ratio or a.loraplus_lr_ratio

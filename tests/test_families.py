@@ -15,11 +15,14 @@ from torch import nn
 
 from dora_network import create_network, create_network_from_weights
 from dora_network.args import parse_network_args
-from dora_network.families import ANIMA, FLUX, SD, SDXL, detect_family
+from dora_network.families import ANIMA, FLUX, HUNYUAN_IMAGE, LUMINA, SD, SD3, SDXL, detect_family
 from dora_network.targets import find_targets
 from anima_standin import build_anima, build_qwen3
 from dora_reference import explicit_weight
 from flux_standin import build_flux, build_flux_text_encoders
+from hunyuan_image_standin import build_hunyuan_image
+from lumina_standin import build_gemma2, build_lumina
+from sd3_standin import build_sd3, build_sd3_text_encoders
 from sdxl_standin import build_sai_sdxl_unet
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -47,6 +50,18 @@ def anima_meta():
     return [build_qwen3("meta")], build_anima("meta")
 
 
+@pytest.fixture(scope="module")
+def sd3_meta():
+    """SD3.5 Medium (24 joint blocks, MMDiT-X), CLIP-L, CLIP-G and T5-XXL at full size on the meta device."""
+    return build_sd3_text_encoders("meta"), build_sd3("meta")
+
+
+@pytest.fixture(scope="module")
+def lumina_meta():
+    """NextDiT-2B and Gemma-2-2B at full size on the meta device."""
+    return [build_gemma2("meta")], build_lumina("meta")
+
+
 # -- names = sd-scripts' own module, at full size ----------------------------------------------------------------
 @pytest.mark.parametrize("name, network_args", [
     ("flux_dev", {}),
@@ -71,6 +86,37 @@ def test_anima_names_equal_lora_anima_golden(anima_meta, name, network_args):
     assert sum(t.component == "unet" for t in network.targets) == (280 if name == "anima" else 340)
 
 
+@pytest.mark.parametrize("name, large, network_args", [("sd35_medium", False, {}), ("sd35_large", True, {})])
+def test_sd3_names_equal_lora_sd3_golden(sd3_meta, name, large, network_args):
+    """The golden was made with [CLIP-L, CLIP-G]: T5 gets adapters only with train_t5xxl, as lora_te3."""
+    text_encoders, _ = sd3_meta
+    network = create_network(1.0, 4, 1, None, text_encoders, build_sd3("meta", large=large), **network_args)
+    assert described(network.targets) == golden(name)
+    assert network.family is SD3 and network.train_t5xxl is False
+    with_t5 = create_network(1.0, 4, 1, None, text_encoders, sd3_meta[1], train_t5xxl="True")
+    t5 = {t.lora_name for t in with_t5.targets if t.component == "te3"}
+    assert len(t5) == 24 * 7 and all(n.startswith("lora_te3_encoder_block_") for n in t5)
+    assert with_t5.train_t5xxl is True
+
+
+def test_lumina_names_equal_lora_lumina_golden(lumina_meta):
+    network = create_network(1.0, 4, 1, None, *lumina_meta)
+    assert described(network.targets) == golden("lumina2")
+    assert network.family is LUMINA
+    assert sum(t.component == "unet" for t in network.targets) == 180
+
+
+def test_hunyuan_image_names_equal_golden_and_its_text_encoders_are_never_read():
+    """The trainer may pass text encoders already on the meta device; they get no adapters and are not walked."""
+    class Exploding(nn.Module):
+        def modules(self):
+            raise AssertionError("a HunyuanImage text encoder was walked")
+
+    network = create_network(1.0, 4, 1, None, [Exploding(), Exploding()], build_hunyuan_image("meta"))
+    assert described(network.targets) == golden("hunyuan_image21")
+    assert network.family is HUNYUAN_IMAGE and network.text_encoder_loras == []
+
+
 def test_chroma_text_encoder_list_keeps_positions(flux_meta):
     """Chroma passes [None, T5]: T5 stays lora_te3 (its position), CLIP is simply absent."""
     (clip, t5), flux = flux_meta
@@ -81,8 +127,13 @@ def test_chroma_text_encoder_list_keeps_positions(flux_meta):
 
 
 # -- recognition ----------------------------------------------------------------------------------------------------
-def test_families_are_recognised_from_structure(flux_meta, anima_meta):
+def test_families_are_recognised_from_structure(flux_meta, anima_meta, sd3_meta, lumina_meta):
     assert detect_family(flux_meta[1], flux_meta[0]) is FLUX
+    assert detect_family(sd3_meta[1], sd3_meta[0]) is SD3
+    assert detect_family(None, sd3_meta[0]) is SD3  # text encoders alone: three, T5 last
+    assert detect_family(lumina_meta[1], lumina_meta[0]) is LUMINA
+    assert detect_family(None, lumina_meta[0]) is LUMINA
+    assert detect_family(build_hunyuan_image("meta"), []) is HUNYUAN_IMAGE
     assert detect_family(anima_meta[1], anima_meta[0]) is ANIMA
     assert detect_family(build_sai_sdxl_unet(device="meta"), []) is SDXL
     assert detect_family(None, [flux_meta[0][0]]) is SD
@@ -95,7 +146,8 @@ def test_unknown_model_is_refused_naming_what_was_found_and_the_families():
             self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
 
     with pytest.raises(ValueError, match=r"does not know this model: denoiser HunyuanVideo .*Supported families: "
-                                         r"FLUX\.1 .*Anima .*SDXL .*SD1\.x"):
+                                         r"HunyuanImage-2\.1 .*FLUX\.1 .*SD3/SD3\.5 .*Lumina 2 .*Anima .*SDXL "
+                                         r".*SD1\.x"):
         create_network(1.0, 4, 1, None, [], HunyuanVideo())
 
 
@@ -143,8 +195,61 @@ def test_anima_include_and_exclude_patterns(anima_meta):
     assert not any("adaln_modulation_self_attn" in n for n in names)
 
 
+def test_sd3_type_dims_block_indices_and_emb_dims(sd3_meta):
+    text_encoders, mmdit = sd3_meta
+    names = _names([], mmdit, SD3, context_attn_dim="8", x_mlp_dim="0", x_mod_dim="2")
+    assert names["lora_unet_joint_blocks_0_context_block_attn_qkv"] == 8
+    assert names["lora_unet_joint_blocks_0_x_block_attn_qkv"] is None  # the network's rank
+    assert names["lora_unet_joint_blocks_0_x_block_adaLN_modulation_1"] == 2
+    assert not any("x_block_mlp" in n for n in names)
+
+    names = _names([], mmdit, SD3, train_block_indices="0,5-6")
+    assert {int(n.split("_")[4]) for n in names} == {0, 5, 6}
+
+    names = _names([], mmdit, SD3, emb_dims="[4,2,8,0,0,3]")
+    extras = {n: r for n, r in names.items() if "joint_blocks" not in n}
+    assert extras == {"lora_unet_context_embedder": 4, "lora_unet_t_embedder_mlp_0": 2,
+                      "lora_unet_t_embedder_mlp_2": 2, "lora_unet_x_embedder_proj": 8,
+                      "lora_unet_final_layer_linear": 3}
+    targets = find_targets([], mmdit, parse_network_args(4, 1, family=SD3, emb_dims="0,0,8,0,0,0"), family=SD3)
+    assert next(t for t in targets if t.lora_name == "lora_unet_x_embedder_proj").kind == "conv"  # 2x2 patch conv
+
+
+def test_lumina_train_blocks_type_dims_and_embedder_dims(lumina_meta):
+    text_encoders, nextdit = lumina_meta
+    for blocks, kept in (("transformer", {"layers"}), ("refiners", {"noise_refiner", "context_refiner"}),
+                         ("context_refiner", {"context_refiner"}),
+                         ("all", {"layers", "noise_refiner", "context_refiner", "final_layer"})):
+        names = _names([], nextdit, LUMINA, train_blocks=blocks)
+        assert {re.sub(r"^lora_unet_(.*?)(_\d+)?_(attention|feed|adaLN|linear).*", r"\1", n) for n in names} == kept
+    names = _names(text_encoders, nextdit, LUMINA, attn_dim="8", mod_dim="0", refiner_dim="2")
+    assert names["lora_unet_layers_0_attention_qkv"] == 8
+    assert names["lora_unet_noise_refiner_0_attention_qkv"] == 8  # "attention" is matched first
+    assert names["lora_unet_noise_refiner_0_feed_forward_w1"] == 2
+    assert not any("adaLN_modulation" in n for n in names)
+    assert names["lora_te_layers_0_self_attn_q_proj"] is None  # type dims are the DiT's only
+    names = _names([], nextdit, LUMINA, embedder_dims="[4,0,2]")
+    assert {n: r for n, r in names.items() if "embedder" in n} == {
+        "lora_unet_x_embedder": 4, "lora_unet_cap_embedder_1": 2}
+
+
+def test_split_qkv_parts_follow_each_family():
+    """The fused projections split_qkv trains as parts: SD3 q/k/v, Lumina's grouped-query q/k/v (k and v
+    narrower), HunyuanImage q/k/v and linear1's MLP input, as their sd-scripts modules split them."""
+    cases = (
+        (SD3, build_sd3("meta"), "joint_blocks.0.x_block.attn2.qkv", (1536,) * 3),
+        (LUMINA, build_lumina("meta"), "layers.0.attention.qkv", (2304, 768, 768)),
+        (HUNYUAN_IMAGE, build_hunyuan_image("meta"), "double_blocks.0.txt_attn_qkv", (3584,) * 3),
+        (HUNYUAN_IMAGE, build_hunyuan_image("meta"), "single_blocks.0.linear1", (3584,) * 3 + (14336,)),
+    )
+    for family, model, path, parts in cases:
+        weight = dict(model.named_modules())[path].weight
+        assert family.fused_parts(path, weight.shape[1], weight.shape[0]) == parts
+    assert HUNYUAN_IMAGE.fused_parts("double_blocks.0.img_attn_proj", 3584, 3584) is None
+
+
 @pytest.mark.parametrize("family, key, value, message", [
-    (SDXL, "train_t5xxl", "True", r"'train_t5xxl' is an option of FLUX\.1 models; this model is SDXL"),
+    (SDXL, "train_t5xxl", "True", r"'train_t5xxl' is an option of FLUX\.1 and SD3/SD3\.5 models; this model is SDXL"),
     (FLUX, "train_llm_adapter", "true", r"option of Anima models; this model is FLUX\.1"),
     (FLUX, "conv_dim", "8", r"conv_dim is meaningless on FLUX\.1"),
     (ANIMA, "preset", "attn-only", r"preset='attn-only' describes SD/SDXL UNet layers; on Anima"),
@@ -155,6 +260,12 @@ def test_anima_include_and_exclude_patterns(anima_meta):
     (ANIMA, "exclude_patterns", "[", r"not a quoted regex or a list"),
     (FLUX, "network_reg_dims", "attn", r"'attn' is not 'regex=value'"),
     (FLUX, "split_qkv", "yes please", r"split_qkv='yes please' is not a boolean"),
+    (SD3, "emb_dims", "[1,2,3]", r"needs 6 ranks \(context, t, x, y, final_mod, final_linear\)"),
+    (SD3, "train_blocks", "single", r"'train_blocks' is an option of .*; this model is SD3/SD3\.5"),
+    (LUMINA, "train_blocks", "double", r"must be one of all, transformer, refiners, noise_refiner, context_refiner"),
+    (LUMINA, "train_t5xxl", "True", r"option of .*; this model is Lumina 2"),
+    (HUNYUAN_IMAGE, "ggpo_sigma", "0.03", r"LoRA-GGPO .* no DoRA form"),
+    (HUNYUAN_IMAGE, "conv_dim", "4", r"conv_dim is meaningless on HunyuanImage-2\.1"),
 ])
 def test_family_options_refused_with_the_reason(family, key, value, message):
     with pytest.raises(ValueError, match=message):
@@ -183,7 +294,30 @@ def _anima_case():
     return text_encoders, anima, lambda model: model(*inputs), {"train_llm_adapter": "true"}
 
 
-CASES = {"flux": _flux_case, "anima": _anima_case}
+def _sd3_case():
+    text_encoders, mmdit = build_sd3_text_encoders("cpu", tiny=True), build_sd3("cpu", tiny=True)
+    gen = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 8, generator=gen),
+              torch.randn(2, 12, generator=gen), torch.randn(2, 5, 16, generator=gen))
+    return text_encoders, mmdit, lambda model: model(*inputs), {"train_t5xxl": "True", "emb_dims": "[2,2,2,2,2,2]"}
+
+
+def _lumina_case():
+    text_encoders, nextdit = [build_gemma2("cpu", tiny=True)], build_lumina("cpu", tiny=True)
+    gen = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(2, 6, 8, generator=gen), torch.randn(2, 8, generator=gen), torch.randn(2, 5, 16, generator=gen))
+    return text_encoders, nextdit, lambda model: model(*inputs), {"embedder_dims": "[2,2,2]"}
+
+
+def _hunyuan_image_case():
+    dit = build_hunyuan_image("cpu", tiny=True)
+    gen = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(2, 6, 8, generator=gen), torch.randn(2, 5, 16, generator=gen), torch.randn(2, 8, generator=gen))
+    return [], dit, lambda model: model(*inputs), {}
+
+
+CASES = {"flux": _flux_case, "anima": _anima_case, "sd3": _sd3_case, "lumina": _lumina_case,
+         "hunyuan_image": _hunyuan_image_case}
 
 
 def _trained(network) -> None:
@@ -241,7 +375,7 @@ def test_save_reload_bit_for_bit_and_hooks(case, tmp_path):
     assert network.weight_norms().shape == (count,) and torch.isfinite(network.weight_norms()).all()
     assert network.combined_weight_norms().shape == (count,)
     with_grad = sum(any(p.grad is not None for p in m.parameters()) for m in network.loras)
-    assert 0 < with_grad < count  # the text encoders did not run
+    assert with_grad == len(network.unet_loras)  # every denoiser layer ran; the text encoders did not
     assert network.grad_norms().shape[0] == with_grad
     file = tmp_path / f"{case}.safetensors"
     network.save_weights(str(file), torch.float32, {"ss_network_module": "dora_network"})
@@ -344,7 +478,8 @@ def test_split_qkv_trains_parts_and_saves_a_file_every_loader_applies_at_trained
         split.load_file_state(dense)
 
 
-@pytest.mark.parametrize("case, title", [("flux", "FLUX.1"), ("anima", "Anima")])
+@pytest.mark.parametrize("case, title", [("flux", "FLUX.1"), ("anima", "Anima"), ("sd3", "SD3/SD3.5"),
+                                         ("lumina", "Lumina 2"), ("hunyuan_image", "HunyuanImage-2.1")])
 def test_dora_inspect_names_the_family_of_a_dit_file(case, title, tmp_path):
     from dora_network.tools.inspect import format_report, inspect_file
 
@@ -355,3 +490,64 @@ def test_dora_inspect_names_the_family_of_a_dit_file(case, title, tmp_path):
     report = inspect_file(str(file))
     assert report.base_model == title and report.loaders == {}
     assert f"not judged: the loader rules were measured on SD/SDXL files, not on {title}" in format_report(report)
+
+
+def test_sd3_text_encoder_learning_rates_repeat_the_last_as_sd_scripts():
+    text_encoders, mmdit, _, _ = _sd3_case()
+    network = create_network(1.0, 4, 2, None, text_encoders, mmdit, train_t5xxl="True")
+    network.apply_to(text_encoders, mmdit, True, True)
+    groups, names = network.prepare_optimizer_params_with_multiple_te_lrs([1e-5, 2e-5], 1e-4, 1e-3)
+    assert names == ["textencoder 1", "textencoder 2", "textencoder 3", "unet"]
+    assert [g["lr"] for g in groups] == [1e-5, 2e-5, 2e-5, 1e-4]  # lora_sd3: [a, b] -> CLIP-L a, CLIP-G b, T5 b
+
+
+def test_hunyuan_image_file_in_comfyui_spelling_loads_onto_the_same_layers(tmp_path):
+    """sd-scripts' converter renames img_mlp_fc1 -> img_mlp_0, img_mod_linear -> img_mod_lin, modulation_linear ->
+    modulation_lin for ComfyUI; such a file reloads here onto the same layers with the same tensors."""
+    from dora_network.families.hunyuan_image import to_comfy_name
+    from dora_network.io import load_file, save_file
+
+    _, dit, _, _ = _hunyuan_image_case()
+    network = create_network(1.0, 4, 2, None, [], dit)
+    _trained(network)
+    file = tmp_path / "hy.safetensors"
+    network.save_weights(str(file), torch.float32, {})
+    state, metadata = load_file(str(file))
+    comfy = {to_comfy_name(k.split(".", 1)[0]) + "." + k.split(".", 1)[1]: v for k, v in state.items()}
+    renamed = {k.split(".")[0] for k in comfy} - {k.split(".")[0] for k in state}
+    assert {re.sub(r"\d+", "N", n) for n in renamed} == {
+        "lora_unet_double_blocks_N_img_mlp_N", "lora_unet_double_blocks_N_txt_mlp_N",
+        "lora_unet_double_blocks_N_img_mod_lin", "lora_unet_double_blocks_N_txt_mod_lin",
+        "lora_unet_single_blocks_N_modulation_lin"}
+    save_file(str(tmp_path / "comfy.safetensors"), comfy, metadata)
+    reloaded, weights = create_network_from_weights(1.0, str(tmp_path / "comfy.safetensors"), None, [],
+                                                    build_hunyuan_image("cpu", tiny=True))
+    reloaded.load_file_state(weights)
+    assert {t.lora_name for t in reloaded.targets} == {t.lora_name for t in network.targets}
+    saved, loaded = network.state_dict(), reloaded.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+def test_lumina_split_qkv_grouped_query_parts_apply_at_trained_strength(tmp_path):
+    """Lumina's qkv splits into q (width 32) and narrower k, v (16 each): one block-diagonal module of rank 3r
+    and alpha 3*alpha in the file, whose formula is the trained layer."""
+    text_encoders, nextdit, run, _ = _lumina_case()
+    network = create_network(1.0, 4, 2, None, text_encoders, nextdit, split_qkv="True")
+    network.apply_to(text_encoders, nextdit, False, True)
+    qkv = dict(network.named_children())["lora_unet_layers_0_attention_qkv"]
+    assert (qkv.rank, float(qkv.alpha)) == (12, 6.0)
+    _trained(network)
+    file = tmp_path / "split.safetensors"
+    network.save_weights(str(file), torch.float32, {})
+    from safetensors.torch import load_file
+
+    saved = load_file(str(file))
+    layer = dict(nextdit.named_modules())["layers.0.attention.qkv"]
+    tensors = {k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith("lora_unet_layers_0_attention_qkv.")}
+    x = torch.randn(3, 32)
+    network.eval()
+    with torch.no_grad():
+        got = layer(x)
+        network.restore()
+        want = F.linear(x, explicit_weight(layer.weight, tensors, 1.0).float(), layer.bias)
+    assert torch.allclose(got, want, atol=2e-5, rtol=1e-4)

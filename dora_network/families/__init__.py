@@ -1,6 +1,8 @@
 """The model families dora_network trains, one description each, and how a model is matched to one.
 
-Order matters: the first family that recognises the model wins (SDXL before SD, whose rules it extends).
+Order matters: the first family that recognises the model wins (SDXL before SD, whose rules it extends), and the
+first whose ``file_pattern`` a file's names match claims the file (HunyuanImage before FLUX.1, which share the
+``double_blocks_N_img_attn_qkv`` spelling).
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ from torch import nn
 from .anima import ANIMA
 from .base import Family, TextEncoderSlot
 from .flux import FLUX
+from .hunyuan_image import HUNYUAN_IMAGE
+from .lumina import LUMINA
 from .sd import SD
+from .sd3 import SD3
 from .sdxl import SDXL
 
-__all__ = ["ANIMA", "FAMILIES", "FLUX", "SD", "SDXL", "Family", "TextEncoderSlot", "detect_family", "family_named", "family_of_file"]
+__all__ = ["ANIMA", "FAMILIES", "FLUX", "HUNYUAN_IMAGE", "LUMINA", "SD", "SD3", "SDXL", "Family", "TextEncoderSlot",
+           "detect_family", "family_named", "family_of_file"]
 
-FAMILIES: tuple[Family, ...] = (FLUX, ANIMA, SDXL, SD)
+FAMILIES: tuple[Family, ...] = (HUNYUAN_IMAGE, FLUX, SD3, LUMINA, ANIMA, SDXL, SD)
 
 
 def family_named(name: str) -> Family:

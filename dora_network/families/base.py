@@ -30,6 +30,7 @@ __all__ = [
     "parse_int_list",
     "parse_optional_rank",
     "parse_pattern_list",
+    "refused_option",
 ]
 
 #: parses one ``network_args`` value (a string from sd-scripts) for the key named in the first argument
@@ -121,6 +122,10 @@ class Family:
         """
         return re.search(pattern, lora_name) is not None
 
+    def fused_parts(self, path: str, in_features: int, out_features: int) -> tuple[int, ...] | None:
+        """Output rows of each part of a fused projection that ``split_qkv`` trains as separate parts, or None."""
+        return None
+
     # -- names in files ------------------------------------------------------------------------------------------
     def unet_aliases(self, path: str) -> tuple[str, ...]:
         """Other dotted paths that files written for other tools use for this denoiser layer."""
@@ -137,6 +142,18 @@ def parse_flag(key: str, value: Any) -> bool:
     from ..args import parse_bool
 
     return parse_bool(key, value)
+
+
+NO_GGPO = "LoRA-GGPO perturbs the plain-LoRA product and has no DoRA form; leave it out"
+
+
+def refused_option(reason: str) -> OptionParser:
+    """A key sd-scripts' module accepts that dora_network cannot honour: refused with the reason."""
+
+    def parse(key: str, value: Any) -> Any:
+        raise ValueError(f"network_args: '{key}' is not supported by dora_network: {reason}")
+
+    return parse
 
 
 def parse_block_selection(total: int) -> OptionParser:

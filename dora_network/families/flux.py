@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from torch import nn
 
-from .base import (Family, TextEncoderSlot, class_names, parse_block_selection, parse_flag, parse_int_list,
-                   parse_optional_rank)
+from .base import (NO_GGPO, Family, TextEncoderSlot, class_names, parse_block_selection, parse_flag,
+                   parse_int_list, parse_optional_rank, refused_option)
 from .sd import CLIP_CLASSES
 
 if TYPE_CHECKING:
@@ -48,14 +48,6 @@ def _train_blocks(key: str, value: Any) -> str:
     return text
 
 
-def _refused(reason: str):
-    def parse(key: str, value: Any) -> Any:
-        raise ValueError(f"network_args: '{key}' is not supported by dora_network: {reason}")
-
-    return parse
-
-
-
 class FluxFamily(Family):
     name = "flux"
     title = "FLUX.1"
@@ -70,8 +62,8 @@ class FluxFamily(Family):
         "in_dims": parse_int_list(len(IN_LAYERS), "img, time, vector, guidance, txt"),
         "train_t5xxl": parse_flag,
         "split_qkv": parse_flag,
-        "ggpo_beta": _refused("LoRA-GGPO perturbs the plain-LoRA product and has no DoRA form; leave it out"),
-        "ggpo_sigma": _refused("LoRA-GGPO perturbs the plain-LoRA product and has no DoRA form; leave it out"),
+        "ggpo_beta": refused_option(NO_GGPO),
+        "ggpo_sigma": refused_option(NO_GGPO),
     }
 
     def recognizes(self, unet: nn.Module | None, text_encoders: Sequence[nn.Module | None]) -> bool:
