@@ -59,6 +59,8 @@ def name_aliases(targets: Sequence[Target]) -> dict[str, str]:
         for other in others:
             if other:
                 aliases.setdefault(f"{prefix}.{other}".replace(".", "_"), target.lora_name)
+        for name in target.file_names:
+            aliases.setdefault(name, target.lora_name)
     return aliases
 
 

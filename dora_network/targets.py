@@ -38,7 +38,8 @@ class Target:
         te_index: the text encoder's position in the trainer's list (None for the denoiser).
         rank: the rank an option sets for this layer (per-type dims, ``network_reg_dims``, ``in_dims``); None means
             the network's rank for its kind.
-        aliases: other names files use for this layer (SDXL's SAI/diffusers spellings).
+        aliases: other dotted paths files use for this layer (SDXL's SAI/diffusers spellings), under its prefix.
+        file_names: other whole module names files use for it (ComfyUI's key map names, any prefix).
     """
 
     lora_name: str
@@ -49,6 +50,7 @@ class Target:
     te_index: int | None = None
     rank: int | None = None
     aliases: tuple[str, ...] = ()
+    file_names: tuple[str, ...] = ()
 
 
 def unwrap_unet(unet: Any) -> nn.Module | None:

@@ -551,3 +551,29 @@ def test_lumina_split_qkv_grouped_query_parts_apply_at_trained_strength(tmp_path
         network.restore()
         want = F.linear(x, explicit_weight(layer.weight, tensors, 1.0).float(), layer.bias)
     assert torch.allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_dora_convert_writes_hunyuan_image_names_as_comfyui_spells_them(tmp_path):
+    from dora_network.io import load_file
+    from dora_network.tools.convert import main
+
+    _, dit, _, _ = _hunyuan_image_case()
+    network = create_network(1.0, 4, 2, None, [], dit)
+    _trained(network)
+    network.save_weights(str(tmp_path / "hy.safetensors"), torch.float32, {})
+    assert main([str(tmp_path / "hy.safetensors"), str(tmp_path / "comfy.safetensors"), "--unet_names", "comfy"]) == 0
+    original, _ = load_file(str(tmp_path / "hy.safetensors"))
+    converted, _ = load_file(str(tmp_path / "comfy.safetensors"))
+    assert "lora_unet_double_blocks_0_img_mlp_0.lora_up.weight" in converted
+    assert "lora_unet_single_blocks_1_modulation_lin.dora_scale" in converted
+    assert len(converted) == len(original)
+    assert all(torch.equal(converted[k.replace("mlp_fc1", "mlp_0").replace("mlp_fc2", "mlp_2")
+                                     .replace("mod_linear", "mod_lin").replace("modulation_linear", "modulation_lin")],
+                           v) for k, v in original.items())
+    flux_file = tmp_path / "flux.safetensors"
+    text_encoders, flux, _, _ = _flux_case()
+    create_network(1.0, 4, 2, None, text_encoders, flux).save_weights(str(flux_file), torch.float32, {})
+    with pytest.raises(ValueError, match="ComfyUI reads this FLUX.1 file's names as they are"):
+        from dora_network.tools.convert import convert_file
+
+        convert_file(flux_file, tmp_path / "x.safetensors", unet_names="comfy")

@@ -131,6 +131,10 @@ class Family:
         """Other dotted paths that files written for other tools use for this denoiser layer."""
         return ()
 
+    def comfy_name(self, lora_name: str) -> str:
+        """The name ComfyUI's model for this family gives this module (most read sd-scripts' names as saved)."""
+        return lora_name
+
     # -- messages ------------------------------------------------------------------------------------------------
     def describe(self) -> str:
         return f"{self.title} ({self.trainers}, like {self.sd_scripts_module})"

@@ -7,7 +7,7 @@ the single blocks' ``linear1`` (q, k, v and the MLP input) are fused weights, ke
 
 ComfyUI spells four of these layers differently (sd-scripts ships ``convert_hunyuan_image_lora_to_comfy.py`` for
 it): ``img_mlp.0``/``img_mlp.2`` for ``img_mlp.fc1``/``fc2`` (and txt), ``img_mod.lin`` for ``img_mod.linear``,
-``modulation.lin`` for ``modulation.linear``. Files in either spelling load here; ``dora-convert --names comfy``
+``modulation.lin`` for ``modulation.linear``. Files in either spelling load here; ``dora-convert --unet_names comfy``
 writes ComfyUI's.
 """
 
@@ -73,6 +73,9 @@ class HunyuanImageFamily(Family):
         flat = path.replace(".", "_")  # aliases become lora_names, so underscores are as good as dots
         other = to_comfy_name(flat)
         return (other,) if other != flat else ()
+
+    def comfy_name(self, lora_name: str) -> str:
+        return to_comfy_name(lora_name)
 
     def fused_parts(self, path: str, in_features: int, out_features: int) -> tuple[int, ...] | None:
         parts = path.split(".")

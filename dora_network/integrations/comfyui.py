@@ -33,7 +33,7 @@ from .. import functional as DF
 from ..io import load_file
 from ..keys import ALPHA, DORA_SCALE, DOWN, MID, UP, axis_from_metadata
 from ..loading import check_coverage, match_file
-from ..families.sdxl import SDXL
+from ..families import family_of_file
 from ..targets import Target
 
 logger = logging.getLogger(__name__)
@@ -88,35 +88,48 @@ def _layer(kind_weight: torch.Tensor) -> str:
     return "conv1x1" if tuple(kind_weight.shape[2:]) == (1, 1) else "conv"
 
 
-def _targets(key_map: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> tuple[list[Target], dict[str, str]]:
-    """Our canonical targets for ComfyUI's weights, and canonical lora_name -> ComfyUI state-dict key.
+def _component(key: str) -> str | None:
+    """Which part of ComfyUI's model a state-dict key belongs to: "unet", a text encoder's wrapper name
+    (``clip_l``, ``t5xxl``, ...), or None for keys no LoRA names."""
+    if key.startswith(_UNET_PREFIX):
+        return "unet"
+    head, sep, _ = key.partition(".transformer.")
+    return head if sep and "." not in head else None
 
-    ComfyUI's key map names each weight several ways; we keep the classic kohya one (SAI UNet paths,
-    ``lora_te1_text_model_...``) and let our loader resolve the other spellings (diffusers UNet names, short
-    text-encoder names) to it, with the same checks as everywhere else.
+
+def _targets(key_map: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> tuple[list[Target], dict[str, str]]:
+    """One target per weight that ComfyUI's key map names, with every name the key map gives it, and canonical
+    lora_name -> ComfyUI state-dict key.
+
+    The key map is ComfyUI's own (``model_lora_keys_unet``/``model_lora_keys_clip`` for the loaded model): it spells
+    the denoiser the SAI/original way (``lora_unet_`` + its path) and, for UNets of any layout (SD1.x, SD2.x, SDXL,
+    pruned), the diffusers way, and each family's text encoders as trainers name them (``lora_te_``, ``lora_te1_``,
+    ``lora_te2_``, T5 as ``lora_te2_``/``lora_te3_``, single LLM encoders as ``lora_te_``). So the node places
+    every file ComfyUI's LoraLoader places, and nothing it would not.
     """
+    names_of: dict[str, list[str]] = {}
+    for name, key in key_map.items():
+        if isinstance(key, str) and key in weights and key.endswith(".weight") and _component(key):
+            names_of.setdefault(key, []).append(name)
     targets: list[Target] = []
     model_key_of: dict[str, str] = {}
-    for name, key in key_map.items():
-        if not isinstance(key, str) or key not in weights or not key.endswith(".weight"):
-            continue
+    for key, names in names_of.items():
+        component = _component(key)
         path = key[: -len(".weight")]
-        if name.startswith("lora_unet_") and path.startswith(_UNET_PREFIX):
-            path, component = path[len(_UNET_PREFIX):], "unet"
-        elif name.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
-            prefix = next((p for p in _TE_PREFIXES if path.startswith(p)), None)
-            if prefix is None or not path.startswith(prefix + "text_model."):
-                continue  # text_projection and other weights no trainer adapts
-            path, component = path[len(prefix):], name[len("lora_"):name.index("_", len("lora_"))]
+        if component == "unet":
+            path = path[len(_UNET_PREFIX):]
+            canonical = "lora_unet_" + path.replace(".", "_")
         else:
-            continue
-        canonical = f"lora_{component}_{path.replace('.', '_')}"
-        if name != canonical or canonical in model_key_of:
-            continue
+            path = path[len(component) + len(".transformer."):]
+            kohya = sorted(n for n in names if n.startswith("lora_te"))
+            if not kohya:
+                continue  # a weight no trainer adapts (no kohya name for it)
+            canonical = kohya[0]
+            component = canonical[len("lora_"): canonical.index("_", len("lora_"))]
         weight = weights[key]
-        aliases = SDXL.unet_aliases(path) if component == "unet" else ()
+        others = tuple(n for n in names if n != canonical)
         targets.append(Target(canonical, types.SimpleNamespace(weight=weight), component, _layer(weight), path,
-                              aliases=aliases))
+                              file_names=others))
         model_key_of[canonical] = key
     return targets, model_key_of
 
@@ -144,8 +157,8 @@ def layer_updates(
     """
     targets, model_key_of = _targets(key_map, weights)
     if not targets:
-        raise ValueError("the model has no layer a LoRA/DoRA file can adapt (is it an SD1.x/SD2.x/SDXL model?)")
-    tensors = dict(state_dict)
+        raise ValueError("the model has no layer that ComfyUI's key map names, so no LoRA/DoRA file can adapt it")
+    tensors = _family_spelling(dict(state_dict))
     if not with_text_encoders:
         dropped = {k for k in tensors if k.startswith("lora_te")}
         if dropped:
@@ -163,6 +176,19 @@ def layer_updates(
             alpha=float(get(f"{name}.{ALPHA}", torch.tensor(spec.alpha))), dora_scale=get(f"{name}.{DORA_SCALE}"),
             wd_on_out=spec.wd_on_out if spec.dora else None)
     return updates
+
+
+def _family_spelling(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A file's module names as ComfyUI's model for its family spells them (sd-scripts' HunyuanImage-2.1 names
+    differ from ComfyUI's in four layer types); other files unchanged."""
+    family = family_of_file(sorted({k.split(".", 1)[0] for k in tensors}))
+    if family is None:
+        return tensors
+    renamed = {}
+    for key, value in tensors.items():
+        module, dot, rest = key.partition(".")
+        renamed[family.comfy_name(module) + dot + rest] = value
+    return renamed
 
 
 # -- ComfyUI glue (imports ComfyUI only when ComfyUI calls it) ---------------------------------------------------

@@ -5,7 +5,8 @@ Exact conversions (the adapted weights do not change; the reported error is 0 or
 * :func:`reshape_dora_scale`: 1-D ``dora_scale`` -> LyCORIS' (1, in[, 1, 1]) / (out, 1[, 1, 1]).
 * :func:`fold_alpha`: ``lora_up *= alpha / rank`` and ``alpha = rank`` (what old SD.Next needs).
 * :func:`convert_unet_names`: SDXL UNet names SAI (``input_blocks_4_1_...``) <-> diffusers (``down_blocks_1_...``),
-  worked out on the underscore names alone from SDXL's block table in families/sdxl.py (no model needed).
+  worked out on the underscore names alone from SDXL's block table in families/sdxl.py (no model needed); ``comfy``:
+  a DiT file's names as ComfyUI's model for its family spells them (HunyuanImage-2.1's ``img_mlp_0``, ...).
 * :func:`classic_text_encoder_names`: ``lora_te1_encoder_...`` (transformers 5) -> ``lora_te1_text_model_encoder_...``.
 * :func:`cast_dtype`: fp32 <-> fp16/bf16 (exact when widening; narrowing reports the rounding error).
 
@@ -181,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--axis", choices=("in", "out"), default=None,
                         help="axis of 1-D dora_scale on square layers, if the file does not tell")
     parser.add_argument("--fold_alpha", action="store_true", help="scale lora_up by alpha/rank, set alpha = rank")
-    parser.add_argument("--unet_names", choices=("sai", "diffusers"), default=None,
-                        help="rename SDXL UNet modules to this spelling (exact)")
+    parser.add_argument("--unet_names", choices=("sai", "diffusers", "comfy"), default=None,
+                        help="rename SDXL UNet modules to this spelling, or (comfy) a HunyuanImage-2.1 file's "
+                             "to ComfyUI's (exact)")
     parser.add_argument("--te_names", choices=("classic",), default=None,
                         help="rename transformers-5 text-encoder names to lora_te1_text_model_... (exact)")
     parser.add_argument("--to_lora", action="store_true", help="DoRA -> plain LoRA by truncated SVD (needs --model)")

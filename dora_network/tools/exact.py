@@ -18,6 +18,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from ..keys import ALPHA, DORA_SCALE, DOWN, MID, UP, group_by_module, infer_spec
+from ..families import family_of_file
 from ..families.sdxl import SDXL_LAYOUT, diffusers_to_sai, sai_to_diffusers
 from .conversion import ConversionResult, ErrorMeter
 from .file_modules import file_axis, flatten, module_delta, split_modules
@@ -190,7 +191,8 @@ def unet_lora_name(lora_name: str, to: str, pairs: Sequence[tuple[str, str, bool
 
 
 def convert_unet_names(state_dict: Mapping[str, torch.Tensor], to: str) -> ConversionResult:
-    """Rename every SDXL UNet module to SAI (``to="sai"``, sd-scripts/ComfyUI/A1111's spelling) or diffusers names.
+    """Rename every SDXL UNet module to SAI (``to="sai"``, sd-scripts/ComfyUI/A1111's spelling) or diffusers names,
+    or (``to="comfy"``) a DiT file's denoiser names to the spelling of ComfyUI's model for its family.
 
     Raises:
         ValueError: an SD1/SD2 file (its block layout differs from SDXL's), a UNet name that is not SDXL's, or two
@@ -198,6 +200,8 @@ def convert_unet_names(state_dict: Mapping[str, torch.Tensor], to: str) -> Conve
     """
     groups, unknown = group_by_module(dict(state_dict))
     names = list(groups)
+    if to == "comfy":
+        return _comfy_names(groups, unknown, state_dict)
     if any(n.startswith("lora_te_") for n in names) or any(
             n.startswith(("lora_unet_down_blocks_3_", "lora_unet_up_blocks_3_")) for n in names):
         raise ValueError("this looks like an SD1/SD2 file (lora_te_ or a 4th down/up block); UNet name conversion "
@@ -218,6 +222,20 @@ def convert_unet_names(state_dict: Mapping[str, torch.Tensor], to: str) -> Conve
     if bad:
         raise ValueError(f"{len(bad)} UNet names are not SDXL UNet layers, e.g. {bad[:3]}; nothing was converted")
     return ErrorMeter().result(f"unet_names({to})", True, "tensors (moved unchanged)",
+                               flatten(renamed, unknown, state_dict), changed)
+
+
+def _comfy_names(groups: dict[str, dict[str, torch.Tensor]], unknown: dict[str, torch.Tensor],
+                 state_dict: Mapping[str, torch.Tensor]) -> ConversionResult:
+    """The denoiser names as ComfyUI's model for the file's family spells them (HunyuanImage-2.1: what sd-scripts'
+    ``convert_hunyuan_image_lora_to_comfy.py`` does); refused for a family whose names ComfyUI reads as saved."""
+    family = family_of_file(list(groups))
+    renamed = {family.comfy_name(name) if family else name: tensors for name, tensors in groups.items()}
+    changed = sum(new != old for new, old in zip(renamed, groups))
+    if not changed:
+        what = family.title if family else "SD/SDXL"
+        raise ValueError(f"ComfyUI reads this {what} file's names as they are; nothing to convert")
+    return ErrorMeter().result("unet_names(comfy)", True, "tensors (moved unchanged)",
                                flatten(renamed, unknown, state_dict), changed)
 
 
