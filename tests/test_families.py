@@ -577,3 +577,48 @@ def test_dora_convert_writes_hunyuan_image_names_as_comfyui_spells_them(tmp_path
         from dora_network.tools.convert import convert_file
 
         convert_file(flux_file, tmp_path / "x.safetensors", unet_names="comfy")
+
+
+@pytest.mark.parametrize("case, layout", [("flux", "bfl"), ("flux", "comfy"), ("sd3", "sai")])
+def test_dora_merge_bakes_dit_files_into_their_single_file_checkpoints(case, layout, tmp_path):
+    """FLUX.1 as BFL ships it (bare double_blocks.*) or under model.diffusion_model.; SD3.5 as SAI ships it (with
+    text_encoders.clip_l|clip_g|t5xxl.transformer.*). Every merged tensor equals merge_to on the model, within one
+    float32 ulp-level tolerance; tensors no adapter touches are copied bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    from dora_network.tools.merge_checkpoint import merge_into_checkpoint
+
+    text_encoders, model, _, options = CASES[case]()
+    if case == "flux":  # BFL's file holds the DiT only: train it alone (--network_train_unet_only)
+        text_encoders, options = [], {}
+    network = create_network(1.0, 4, 2, None, text_encoders, model, **options)
+    _trained(network)
+    adapters = tmp_path / "dora.safetensors"
+    network.save_weights(str(adapters), torch.float32, {})
+
+    prefix = "" if layout == "bfl" else "model.diffusion_model."
+    checkpoint = {prefix + k: v.clone() for k, v in model.state_dict().items()}
+    if case == "sd3":
+        for wrapper, te in zip(("clip_l", "clip_g", "t5xxl"), text_encoders):
+            checkpoint.update({f"text_encoders.{wrapper}.transformer.{k}": v.clone()
+                               for k, v in te.state_dict().items()})
+    base = tmp_path / "base.safetensors"
+    save_file(checkpoint, str(base))
+    report = merge_into_checkpoint(base, [(adapters, 0.75)], tmp_path / "merged.safetensors")
+    assert report.files[0].matched == len(network.targets) and not report.files[0].unmatched
+
+    fresh_te, fresh_model, _, _ = CASES[case]()
+    fresh_te = fresh_te if case == "sd3" else []
+    reference, weights = create_network_from_weights(0.75, str(adapters), None, fresh_te, fresh_model,
+                                                     for_inference=True)
+    reference.merge_to(fresh_te, fresh_model, weights, torch.float32, "cpu")
+    expected = {prefix + k: v for k, v in fresh_model.state_dict().items()}
+    if case == "sd3":
+        for wrapper, te in zip(("clip_l", "clip_g", "t5xxl"), fresh_te):
+            expected.update({f"text_encoders.{wrapper}.transformer.{k}": v for k, v in te.state_dict().items()})
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    assert merged.keys() == checkpoint.keys()
+    changed = [k for k in merged if not torch.equal(merged[k], checkpoint[k])]
+    assert len(changed) == len(network.targets)
+    for key, tensor in merged.items():
+        assert torch.allclose(tensor, expected[key], atol=1e-6, rtol=1e-6), key

@@ -88,6 +88,8 @@ class Family:
     #: a regex that a module name of this family's files matches (and no other family's do); None: none of its own
     file_pattern: str | None = None
     options: Mapping[str, OptionParser] = {}
+    #: top-level denoiser modules of the family's original single file when stored without a prefix (BFL FLUX.1)
+    checkpoint_roots: tuple[str, ...] = ()
 
     # -- recognition ---------------------------------------------------------------------------------------------
     def recognizes(self, unet: nn.Module | None, text_encoders: Sequence[nn.Module | None]) -> bool:

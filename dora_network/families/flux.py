@@ -54,6 +54,8 @@ class FluxFamily(Family):
     trainers = "flux_train_network.py"
     sd_scripts_module = "networks.lora_flux"
     file_pattern = r"lora_unet_(double_blocks_\d+_(img|txt)_(attn_qkv|mod_lin)|single_blocks_\d+_(linear1|modulation_lin))"
+    checkpoint_roots = ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in",
+                        "final_layer")
     options = {
         "train_blocks": _train_blocks,
         "train_double_block_indices": parse_block_selection(DOUBLE_BLOCKS),

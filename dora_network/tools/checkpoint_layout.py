@@ -8,6 +8,11 @@ in place). Layouts:
   ``conditioner.embedders.1.model.transformer.resblocks.N.*``, whose fused ``attn.in_proj_weight`` (3d, d) holds
   q, k and v as row slices, and whose ``attn.out_proj`` / ``mlp.c_fc`` / ``mlp.c_proj`` are ``self_attn.out_proj``
   / ``mlp.fc1`` / ``mlp.fc2``.
+* DiT single files: the denoiser under ``model.diffusion_model.`` (SD3.5, ComfyUI-saved FLUX.1) or bare (BFL's
+  ``flux1-dev.safetensors``: ``double_blocks.*``, ``single_blocks.*``, ``img_in.*``, ..., whatever top-level modules
+  the family's ``checkpoint_roots`` name); SD3.5's text encoders under ``text_encoders.clip_l|clip_g|t5xxl.
+  transformer.`` (``lora_te1``/``lora_te2``/``lora_te3``; T5's attention ``SelfAttention.q|k|v|o`` and MLP
+  ``DenseReluDense.wi_0|wi_1|wo`` weights).
 * A diffusers UNet file (``down_blocks.*``, ``conv_in.*``, ..., optionally under ``unet.``).
 * The files of a diffusers folder, one component each (``unet``, ``te1``, ``te2`` or ``te``): key = module path.
 
@@ -26,7 +31,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ..families.sdxl import SDXL
+from ..families import FAMILIES, SDXL, family_of_file
 from ..targets import Target, _kind
 from .safetensors_stream import read_header, read_tensor_at
 
@@ -37,6 +42,12 @@ SAI_UNET = "model.diffusion_model."
 SAI_TE1 = "conditioner.embedders.0.transformer."
 SAI_TE2 = "conditioner.embedders.1.model.transformer.resblocks."
 SD_TE = "cond_stage_model.transformer."
+#: SD3.5 single files: text encoder wrapper -> component
+SAI_TEXT_ENCODERS = {"text_encoders.clip_l.transformer.": "te1", "text_encoders.clip_g.transformer.": "te2",
+                     "text_encoders.t5xxl.transformer.": "te3"}
+#: bare top-level denoiser modules of the families' original single files (BFL's FLUX.1 has no prefix)
+_DIT_ROOTS = tuple(f"{root}." for family in FAMILIES for root in family.checkpoint_roots)
+_T5_PARTS = (".SelfAttention.", ".DenseReluDense.")
 _OPENCLIP = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 _DIFFUSERS_UNET_PATHS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "conv_norm_out.",
                          "time_embedding.", "add_embedding.")
@@ -75,7 +86,11 @@ def _layer(component: str, path: str, ndim: int) -> list[KeyLayer]:
     if ndim not in (2, 4):
         return []
     if component != "unet":
-        if ndim != 2 or (".self_attn." not in path and ".mlp." not in path):
+        if ndim != 2:
+            return []
+        if any(part in path for part in _T5_PARTS):
+            return [KeyLayer(component, path, None)]
+        if ".self_attn." not in path and ".mlp." not in path:
             return []
         path = path if path.startswith("text_model.") else "text_model." + path
     return [KeyLayer(component, path, None)]
@@ -105,9 +120,11 @@ def layers_of_key(key: str, shape: Sequence[int], component: str | None = None) 
     path = key[: -len(".weight")]
     if component is not None:
         return _layer(component, path, len(shape))
-    for prefix, part in ((SAI_TE1, "te1"), (SD_TE, "te"), (SAI_UNET, "unet")):
+    for prefix, part in ((SAI_TE1, "te1"), (SD_TE, "te"), (SAI_UNET, "unet"), *SAI_TEXT_ENCODERS.items()):
         if path.startswith(prefix):
             return _layer(part, path[len(prefix):], len(shape))
+    if path.startswith(_DIT_ROOTS):
+        return _layer("unet", path, len(shape))
     path = path[len("unet."):] if path.startswith("unet.") else path
     if path.startswith(_DIFFUSERS_UNET_PATHS) or path + "." in _DIFFUSERS_UNET_PATHS:
         return _layer("unet", path, len(shape))
@@ -124,8 +141,7 @@ def scan_targets(sources: Mapping[Path, str | None]) -> tuple[list[Target], dict
         (targets in file order, lora_name -> sites); a layer has several sites when a component is saved in more
         than one variant (fp16, ...).
     """
-    targets: dict[str, Target] = {}
-    sites: dict[str, list[Site]] = {}
+    found: list[tuple[KeyLayer, nn.Module, Site]] = []
     for source, component in sources.items():
         for key, info in read_header(source)[0].items():
             if key == "__metadata__":
@@ -133,12 +149,18 @@ def scan_targets(sources: Mapping[Path, str | None]) -> tuple[list[Target], dict
             shape = info["shape"]
             for layer in layers_of_key(key, shape, component):
                 rows = layer.rows
-                module = stand_in([rows[1] - rows[0], shape[1]] if rows else shape)
-                name = layer.lora_name
-                aliases = SDXL.unet_aliases(layer.path) if layer.component == "unet" else ()
-                targets.setdefault(name, Target(name, module, layer.component, _kind(module), layer.path,
-                                                aliases=aliases))
-                sites.setdefault(name, []).append(Site(source, key, rows))
+                found.append((layer, stand_in([rows[1] - rows[0], shape[1]] if rows else shape),
+                              Site(source, key, rows)))
+    # the other spellings of the denoiser's names are its family's (SDXL's SAI/diffusers table when no DiT family
+    # claims the names)
+    family = family_of_file([layer.lora_name for layer, _, _ in found]) or SDXL
+    targets: dict[str, Target] = {}
+    sites: dict[str, list[Site]] = {}
+    for layer, module, site in found:
+        name = layer.lora_name
+        aliases = family.unet_aliases(layer.path) if layer.component == "unet" else ()
+        targets.setdefault(name, Target(name, module, layer.component, _kind(module), layer.path, aliases=aliases))
+        sites.setdefault(name, []).append(site)
     return list(targets.values()), sites
 
 

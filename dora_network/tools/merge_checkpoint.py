@@ -1,4 +1,5 @@
-"""Bake DoRA/LoRA files into an SDXL checkpoint (diffusers folder or SAI single file), streaming tensor by tensor.
+"""Bake DoRA/LoRA files into a checkpoint (SDXL/SD diffusers folder, or an SD/SDXL/SD3.5/FLUX.1 single file),
+streaming tensor by tensor.
 
 Each file ``k`` with strength ``s_k`` is applied in the order given, against the weights as merged so far:
 ``W_k = W_{k-1} + s_k * (W'_k(W_{k-1}) - W_{k-1})`` with ``W'_k`` the file's DoRA (or LoRA) weight built on
@@ -9,7 +10,9 @@ per-module math is :meth:`dora_network.DoRAModule.merged_weight`, run on a stand
 Layouts: a diffusers folder (``unet/``, ``text_encoder/``, ``text_encoder_2/`` safetensors; every other file is
 copied) or a single SAI ``.safetensors`` (``model.diffusion_model.*``, TE1 ``conditioner.embedders.0.transformer.
 text_model.*``, TE2 in OpenCLIP form ``conditioner.embedders.1.model.transformer.resblocks.N.*`` whose fused
-``attn.in_proj_weight`` (3d, d) holds q, k, v; a q/k/v module updates its row slice). File module names in either
+``attn.in_proj_weight`` (3d, d) holds q, k, v; a q/k/v module updates its row slice), an SD3.5 single file
+(``model.diffusion_model.joint_blocks.*``, ``text_encoders.clip_l|clip_g|t5xxl.transformer.*``) or BFL's FLUX.1 file
+(bare ``double_blocks.*``/``single_blocks.*``; fused ``qkv``/``linear1`` are one module each). File module names in either
 UNet spelling (SAI or diffusers) and TE names with or without ``text_model_`` resolve through loading.match_file.
 The key mapping is ``checkpoint_layout``'s, shared with dora-inspect and dora-convert.
 
@@ -99,8 +102,9 @@ def _scan(base: Path) -> tuple[str, dict[Path, str | None], list[Target], dict[s
     else:
         raise FileNotFoundError(f"base model '{base}' is neither a diffusers folder nor a .safetensors file")
     targets, sites = scan_targets(sources)
-    if layout == "single_file" and not any(site.key.startswith(SAI_UNET) for found in sites.values() for site in found):
-        raise ValueError(f"'{base}' has no '{SAI_UNET}*' tensors: it is not an SAI-layout SDXL checkpoint")
+    if layout == "single_file" and not any(t.component == "unet" for t in targets):
+        raise ValueError(f"'{base}' has no denoiser tensors ('{SAI_UNET}*', or FLUX.1's bare 'double_blocks.*'): it "
+                         f"is not an SAI/BFL-layout SD, SDXL, SD3.5 or FLUX.1 checkpoint")
     return layout, sources, targets, sites
 
 
@@ -133,10 +137,10 @@ def merge_into_checkpoint(base: str | os.PathLike, files_with_strengths: Sequenc
                           output: str | os.PathLike, save_dtype: torch.dtype | None = None, *,
                           overwrite: bool = False, progress: bool = False, allow_partial: bool = False
                           ) -> MergeReport:
-    """Bake DoRA/LoRA files into an SDXL checkpoint, writing a new one.
+    """Bake DoRA/LoRA files into a checkpoint, writing a new one.
 
     Args:
-        base: a diffusers SDXL folder or an SAI single-file ``.safetensors``.
+        base: a diffusers SD/SDXL folder, or a single-file ``.safetensors`` (SAI SD/SDXL/SD3.5, BFL FLUX.1).
         files_with_strengths: ``[(file, strength), ...]``, applied in this order, each against the weights as
             merged so far (see the module docstring).
         output: the new folder (diffusers base) or ``.safetensors`` file (single-file base).
@@ -221,8 +225,8 @@ def merge_into_checkpoint(base: str | os.PathLike, files_with_strengths: Sequenc
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(
         "dora-merge",
-        "Bake DoRA/LoRA files (LyCORIS layout) into an SDXL checkpoint: a diffusers folder or an SAI single "
-        ".safetensors. Files are applied in order, each against the weights merged so far.",
+        "Bake DoRA/LoRA files (LyCORIS layout) into a checkpoint: an SD/SDXL diffusers folder, or a single "
+        ".safetensors (SAI SD/SDXL/SD3.5, BFL FLUX.1). Files are applied in order, each against the weights merged so far.",
         "example:\n  dora-merge --sd_model sd_xl_base_1.0.safetensors --models style.safetensors detail.safetensors "
         "\\\n      --ratios 1.0 0.5 --save_to merged.safetensors --save_precision fp16\n"
         "  dora-merge --sd_model sdxl_diffusers/ --models style.safetensors --save_to merged_diffusers/",
