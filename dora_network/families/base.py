@@ -90,6 +90,12 @@ class Family:
     options: Mapping[str, OptionParser] = {}
     #: top-level denoiser modules of the family's original single file when stored without a prefix (BFL FLUX.1)
     checkpoint_roots: tuple[str, ...] = ()
+    #: where each denoiser layer lives in the family's diffusers transformer: (regex fully matching the lora_name
+    #: without ``lora_unet_``, diffusers module paths that hold its rows in order, ``{0}`` = the block index); a
+    #: fused weight (FLUX's qkv) lists several modules
+    diffusers_transformer: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: class names of that diffusers transformer
+    diffusers_classes: tuple[str, ...] = ()
 
     # -- recognition ---------------------------------------------------------------------------------------------
     def recognizes(self, unet: nn.Module | None, text_encoders: Sequence[nn.Module | None]) -> bool:

@@ -56,6 +56,38 @@ class FluxFamily(Family):
     file_pattern = r"lora_unet_(double_blocks_\d+_(img|txt)_(attn_qkv|mod_lin)|single_blocks_\d+_(linear1|modulation_lin))"
     checkpoint_roots = ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in",
                         "final_layer")
+    diffusers_classes = ("FluxTransformer2DModel",)
+    diffusers_transformer = (
+        (r"double_blocks_(\d+)_img_attn_qkv", ("transformer_blocks.{0}.attn.to_q", "transformer_blocks.{0}.attn.to_k",
+                                               "transformer_blocks.{0}.attn.to_v")),
+        (r"double_blocks_(\d+)_img_attn_proj", ("transformer_blocks.{0}.attn.to_out.0",)),
+        (r"double_blocks_(\d+)_img_mlp_0", ("transformer_blocks.{0}.ff.net.0.proj",)),
+        (r"double_blocks_(\d+)_img_mlp_2", ("transformer_blocks.{0}.ff.net.2",)),
+        (r"double_blocks_(\d+)_img_mod_lin", ("transformer_blocks.{0}.norm1.linear",)),
+        (r"double_blocks_(\d+)_txt_attn_qkv", ("transformer_blocks.{0}.attn.add_q_proj",
+                                               "transformer_blocks.{0}.attn.add_k_proj",
+                                               "transformer_blocks.{0}.attn.add_v_proj")),
+        (r"double_blocks_(\d+)_txt_attn_proj", ("transformer_blocks.{0}.attn.to_add_out",)),
+        (r"double_blocks_(\d+)_txt_mlp_0", ("transformer_blocks.{0}.ff_context.net.0.proj",)),
+        (r"double_blocks_(\d+)_txt_mlp_2", ("transformer_blocks.{0}.ff_context.net.2",)),
+        (r"double_blocks_(\d+)_txt_mod_lin", ("transformer_blocks.{0}.norm1_context.linear",)),
+        (r"single_blocks_(\d+)_linear1", ("single_transformer_blocks.{0}.attn.to_q",
+                                          "single_transformer_blocks.{0}.attn.to_k",
+                                          "single_transformer_blocks.{0}.attn.to_v",
+                                          "single_transformer_blocks.{0}.proj_mlp")),
+        (r"single_blocks_(\d+)_linear2", ("single_transformer_blocks.{0}.proj_out",)),
+        (r"single_blocks_(\d+)_modulation_lin", ("single_transformer_blocks.{0}.norm.linear",)),
+        (r"img_in", ("x_embedder",)),
+        (r"txt_in", ("context_embedder",)),
+        (r"time_in_in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
+        (r"time_in_out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
+        (r"vector_in_in_layer", ("time_text_embed.text_embedder.linear_1",)),
+        (r"vector_in_out_layer", ("time_text_embed.text_embedder.linear_2",)),
+        (r"guidance_in_in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
+        (r"guidance_in_out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
+        (r"final_layer_linear", ("proj_out",)),
+        (r"final_layer_adaLN_modulation_1", ("norm_out.linear",)),
+    )
     options = {
         "train_blocks": _train_blocks,
         "train_double_block_indices": parse_block_selection(DOUBLE_BLOCKS),

@@ -47,6 +47,34 @@ class SD3Family(Family):
     trainers = "sd3_train_network.py"
     sd_scripts_module = "networks.lora_sd3"
     file_pattern = r"lora_unet_joint_blocks_\d+_(context|x)_block_.*"
+    diffusers_classes = ("SD3Transformer2DModel",)
+    diffusers_transformer = (
+        (r"joint_blocks_(\d+)_x_block_attn_qkv", ("transformer_blocks.{0}.attn.to_q", "transformer_blocks.{0}.attn.to_k",
+                                                  "transformer_blocks.{0}.attn.to_v")),
+        (r"joint_blocks_(\d+)_x_block_attn_proj", ("transformer_blocks.{0}.attn.to_out.0",)),
+        (r"joint_blocks_(\d+)_x_block_attn2_qkv", ("transformer_blocks.{0}.attn2.to_q",
+                                                   "transformer_blocks.{0}.attn2.to_k",
+                                                   "transformer_blocks.{0}.attn2.to_v")),
+        (r"joint_blocks_(\d+)_x_block_attn2_proj", ("transformer_blocks.{0}.attn2.to_out.0",)),
+        (r"joint_blocks_(\d+)_x_block_mlp_fc1", ("transformer_blocks.{0}.ff.net.0.proj",)),
+        (r"joint_blocks_(\d+)_x_block_mlp_fc2", ("transformer_blocks.{0}.ff.net.2",)),
+        (r"joint_blocks_(\d+)_x_block_adaLN_modulation_1", ("transformer_blocks.{0}.norm1.linear",)),
+        (r"joint_blocks_(\d+)_context_block_attn_qkv", ("transformer_blocks.{0}.attn.add_q_proj",
+                                                        "transformer_blocks.{0}.attn.add_k_proj",
+                                                        "transformer_blocks.{0}.attn.add_v_proj")),
+        (r"joint_blocks_(\d+)_context_block_attn_proj", ("transformer_blocks.{0}.attn.to_add_out",)),
+        (r"joint_blocks_(\d+)_context_block_mlp_fc1", ("transformer_blocks.{0}.ff_context.net.0.proj",)),
+        (r"joint_blocks_(\d+)_context_block_mlp_fc2", ("transformer_blocks.{0}.ff_context.net.2",)),
+        (r"joint_blocks_(\d+)_context_block_adaLN_modulation_1", ("transformer_blocks.{0}.norm1_context.linear",)),
+        (r"x_embedder_proj", ("pos_embed.proj",)),
+        (r"context_embedder", ("context_embedder",)),
+        (r"t_embedder_mlp_0", ("time_text_embed.timestep_embedder.linear_1",)),
+        (r"t_embedder_mlp_2", ("time_text_embed.timestep_embedder.linear_2",)),
+        (r"y_embedder_mlp_0", ("time_text_embed.text_embedder.linear_1",)),
+        (r"y_embedder_mlp_2", ("time_text_embed.text_embedder.linear_2",)),
+        (r"final_layer_linear", ("proj_out",)),
+        (r"final_layer_adaLN_modulation_1", ("norm_out.linear",)),
+    )
     options = {
         "train_t5xxl": parse_flag,
         "split_qkv": parse_flag,

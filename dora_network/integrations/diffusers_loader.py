@@ -1,11 +1,15 @@
-"""Apply a DoRA (or plain LoRA) file in our/LyCORIS layout to a diffusers pipeline, exactly.
+"""Apply a DoRA (or plain LoRA) file in our/LyCORIS layout to a diffusers pipeline, exactly: SD/SDXL (``unet``),
+FLUX.1 and SD3/3.5 (``transformer``, files with sd-scripts' names).
 
 diffusers' own ``pipe.load_lora_weights`` drops ``dora_scale`` and loads such a file as a plain LoRA (and rejects
 Tucker ``lora_mid`` files), so it does not reproduce a DoRA. :func:`apply_dora_to_pipeline` instead writes the
 merged weights W(s) = W0 + s * (W' - W0), W' = m * V / (||V|| + eps), V = W0 + (alpha/r) * up @ down, into the
-pipeline's ``unet``, ``text_encoder`` and ``text_encoder_2``, reusing this package's name resolution
+pipeline's ``unet`` or ``transformer`` and its text encoders, reusing this package's name resolution
 (``loading.match_file``: SAI or diffusers UNet names, classic ``text_model_`` text-encoder names) and math
-(``functional``). The returned :class:`DoRAPatch` changes the strength or puts the original weights back bit for bit.
+(``functional``). sd-scripts names FLUX.1/SD3 layers as the original models do; diffusers splits some of them
+(FLUX's fused ``qkv`` is ``to_q``/``to_k``/``to_v``, ``linear1`` adds ``proj_mlp``) and keeps its
+``AdaLayerNormContinuous`` outputs as (scale, shift): each such layer is handled as one weight made of those rows
+(the family's ``diffusers_transformer`` table), so the DoRA norm is the fused weight's, as trained. The returned :class:`DoRAPatch` changes the strength or puts the original weights back bit for bit.
 
 Example::
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any, Mapping
 
 import torch
@@ -27,12 +32,83 @@ from .. import functional as DF
 from ..io import load_file
 from ..keys import DORA_SCALE, DOWN, MID, UP, ModuleSpec
 from ..keys import axis_from_metadata
+from ..families import FAMILIES, Family, family_of_file
 from ..loading import check_coverage, match_file
-from ..targets import Target, every_layer
+from ..targets import Target, _kind, every_layer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DoRAPatch", "apply_dora_to_pipeline"]
+
+
+class _Rows:
+    """One original-model layer whose rows diffusers keeps in one or more modules, read and written as one weight.
+
+    ``pieces``: (module, first row, end row) in the original layer's row order.
+    """
+
+    def __init__(self, pieces: list[tuple[Any, int, int]]) -> None:
+        self.pieces = pieces
+        first = pieces[0][0]
+        self.kernel_size = getattr(first, "kernel_size", None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([module.weight.detach()[start:end] for module, start, end in self.pieces])
+
+    def write_weight(self, value: torch.Tensor) -> None:
+        offset = 0
+        for module, start, end in self.pieces:
+            module.weight.detach()[start:end].copy_(value[offset:offset + end - start])
+            offset += end - start
+
+
+def _write(module: Any, value: torch.Tensor) -> None:
+    if isinstance(module, _Rows):
+        module.write_weight(value)
+    else:
+        module.weight.copy_(value)
+
+
+def _pieces(transformer: Any, path: str) -> list[tuple[Any, int, int]]:
+    module = transformer.get_submodule(path)
+    rows = module.weight.shape[0]
+    parent = transformer.get_submodule(path.rsplit(".", 1)[0]) if "." in path else transformer
+    if type(parent).__name__ == "AdaLayerNormContinuous":  # diffusers emits (scale, shift), the original (shift, scale)
+        return [(module, rows // 2, rows), (module, 0, rows // 2)]
+    return [(module, 0, rows)]
+
+
+def _transformer_targets(family: Family, transformer: Any, names: list[str]) -> list[Target]:
+    """Targets for the file's ``lora_unet_`` modules that the family's table places in the diffusers transformer."""
+    targets: list[Target] = []
+    for name in names:
+        short = name[len("lora_unet_"):]
+        for pattern, paths in family.diffusers_transformer:
+            found = re.fullmatch(pattern, short)
+            if found is None:
+                continue
+            try:
+                pieces = [p for path in paths for p in _pieces(transformer, path.format(*found.groups()))]
+            except AttributeError:
+                break  # the table names a module this transformer does not have (fewer blocks, no guidance)
+            module = _Rows(pieces)
+            kind = "linear" if module.kernel_size is None else _kind(pieces[0][0])
+            targets.append(Target(name, module, "unet", kind, short))
+            break
+    return targets
+
+
+def _transformer_family(transformer: Any, names: list[str]) -> Family:
+    # the transformer's own family first: another family's table may name modules this one has too
+    family = next((f for f in FAMILIES if type(transformer).__name__ in f.diffusers_classes), None)
+    if family is None:
+        family = family_of_file(names)
+    if family is None or not family.diffusers_transformer:
+        supported = ", ".join(c for f in FAMILIES for c in f.diffusers_classes)
+        raise ValueError(f"apply_dora_to_pipeline knows no layer table for {type(transformer).__name__}; "
+                         f"supported transformers: {supported} (and pipelines with a unet)")
+    return family
 
 
 class DoRAPatch:
@@ -101,7 +177,7 @@ class DoRAPatch:
             raise RuntimeError("this DoRAPatch was removed; apply the file again")
         for target in self._targets:
             weight = target.module.weight
-            weight.copy_(self.merged_weight(target, float(strength)).to(dtype=weight.dtype))
+            _write(target.module, self.merged_weight(target, float(strength)).to(dtype=weight.dtype))
         self.strength = float(strength)
 
     @torch.no_grad()
@@ -110,7 +186,7 @@ class DoRAPatch:
         if not self.active:
             return
         for target in self._targets:
-            target.module.weight.copy_(self._originals[target.lora_name])
+            _write(target.module, self._originals[target.lora_name])
         self._originals.clear()
         self.active = False
 
@@ -158,9 +234,19 @@ def apply_dora_to_pipeline(
         state_dict = dict(file_or_state_dict)
     else:
         state_dict, metadata = load_file(file_or_state_dict)
-    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
-    encoders = [te for te in encoders if te is not None]
-    targets = every_layer(encoders, getattr(pipe, "unet", None))
+    transformer = getattr(pipe, "transformer", None)
+    if getattr(pipe, "unet", None) is None and transformer is not None:
+        names = sorted({k.split(".", 1)[0] for k in state_dict})
+        family = _transformer_family(transformer, names)
+        encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        while encoders and encoders[-1] is None:
+            encoders.pop()
+        targets = every_layer(encoders, None, family) + _transformer_targets(
+            family, transformer, [n for n in names if n.startswith("lora_unet_")])
+    else:
+        encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+        encoders = [te for te in encoders if te is not None]
+        targets = every_layer(encoders, getattr(pipe, "unet", None))
     found = match_file(state_dict, targets, axis_from_metadata(metadata))
     check_coverage(found, targets, allow_partial, "allow_partial=True")
     patched = [t for t in targets if t.lora_name in found.specs]
