@@ -480,16 +480,28 @@ def test_split_qkv_trains_parts_and_saves_a_file_every_loader_applies_at_trained
 
 @pytest.mark.parametrize("case, title", [("flux", "FLUX.1"), ("anima", "Anima"), ("sd3", "SD3/SD3.5"),
                                          ("lumina", "Lumina 2"), ("hunyuan_image", "HunyuanImage-2.1")])
-def test_dora_inspect_names_the_family_of_a_dit_file(case, title, tmp_path):
+def test_dora_inspect_names_the_family_and_judges_the_loaders_measured_on_it(case, title, tmp_path):
     from dora_network.tools.inspect import format_report, inspect_file
 
     text_encoders, model, _, options = CASES[case]()
-    network = create_network(1.0, 4, 2, None, text_encoders, model, **options)
-    file = tmp_path / f"{case}.safetensors"
-    network.save_weights(str(file), torch.float16, {})
-    report = inspect_file(str(file))
-    assert report.base_model == title and report.loaders == {}
-    assert f"not judged: the loader rules were measured on SD/SDXL files, not on {title}" in format_report(report)
+    for wd_on_out in (False, True):
+        network = create_network(1.0, 4, 2, None, text_encoders, model, wd_on_out=str(wd_on_out), **options)
+        file = tmp_path / f"{case}_{wd_on_out}.safetensors"
+        network.save_weights(str(file), torch.float16, {})
+        report = inspect_file(str(file))
+        assert report.base_model == title
+        verdicts = report.verdicts()
+        if case in ("anima", "lumina"):
+            assert verdicts == {}
+            assert "not judged: the loader rules were measured on SD/SDXL" in format_report(report)
+            continue
+        assert verdicts["ComfyUI + DoRA Loader node"] == "exact"
+        expected_comfy = ("wrong" if case == "hunyuan_image" else "approximate" if wd_on_out else "exact")
+        assert verdicts["ComfyUI"] == expected_comfy
+        assert "A1111" not in verdicts and "not judged on" in format_report(report)
+        if case != "hunyuan_image":
+            assert verdicts["diffusers + dora_network helper"] == "exact"
+            assert verdicts["diffusers"] == ("fails" if case == "sd3" else "wrong")
 
 
 def test_sd3_text_encoder_learning_rates_repeat_the_last_as_sd_scripts():

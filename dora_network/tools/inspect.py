@@ -36,11 +36,11 @@ import torch
 from ..io import load_file, safetensors_hashes
 from ..keys import DORA_SCALE, ModuleSpec, group_by_module, infer_spec
 from ..loading import nonfinite_modules
-from ..families import family_of_file
+from ..families import FAMILIES, family_of_file
 from .base_model import BaseModel, ModelMatch, load_base_model
 from .cli import add_report_flags, make_parser, parse_args, setup_logging
 from .file_modules import file_axis
-from .loader_rules import (KINDS, LOADERS, PARTS, VERDICTS, LoaderVerdict, ModuleFacts, file_facts, judge,
+from .loader_rules import (KINDS, LOADERS, PARTS, VERDICTS, LoaderVerdict, ModuleFacts, file_facts, judge, judge_dit,
                            module_facts, naming)
 
 logger = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def inspect_file(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tens
         metadata={k: metadata[k] for k in sorted(metadata) if k in METADATA_KEYS or k.startswith("dora_network.")},
         hashes_match=hashes_match,
         model=None if base is None else base.match(specs),
-        loaders=judge(facts) if dit is None else {},  # the loader rules were measured on SD/SDXL files
+        loaders=judge(facts) if dit is None else judge_dit(facts, dit.name),
     )
     logger.info("%s: %d modules (%s), %s", source, report.modules, report.algo,
                 ", ".join(f"{k} {v}" for k, v in report.verdicts().items()))
@@ -288,8 +288,10 @@ def format_report(report: FileReport) -> str:
         for label, names in (("unmatched", m.unmatched), ("shape mismatch", m.shape_mismatch)):
             if names:
                 lines.append(f"  {label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
+    family = next((f for f in FAMILIES if f.title == r.base_model), None)
     if not r.loaders:
-        lines.append(f"loaders:    not judged: the loader rules were measured on SD/SDXL files, not on {r.base_model}")
+        lines.append(f"loaders:    not judged: the loader rules were measured on SD/SDXL, FLUX.1, SD3 and "
+                     f"HunyuanImage files, not on {r.base_model}")
         return "\n".join(lines)
     lines.append("loaders:")
     width = max(len(name) for name in r.loaders)
@@ -297,6 +299,9 @@ def format_report(report: FileReport) -> str:
         lines.append(f"  {name:<{width}}  {verdict.verdict}")
         lines += [f"  {'':<{width}}    - {reason}" for reason in verdict.reasons]
         lines += [f"  {'':<{width}}    (note: {note})" for note in verdict.notes]
+    if family is not None:
+        lines.append(f"  not judged on {r.base_model} files: "
+                     f"{', '.join(name for name in LOADERS if name not in r.loaders)}")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ No UI code runs; each rule names the affected module count and the fix.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -25,8 +26,8 @@ from ..keys import DORA_SCALE, DOWN, MID, ModuleSpec
 from .base_model import BaseModel
 from .file_modules import module_delta
 
-__all__ = ["KINDS", "LOADERS", "PARTS", "VERDICTS", "FileFacts", "LoaderVerdict", "ModuleFacts", "file_facts",
-           "judge", "module_facts", "naming"]
+__all__ = ["DIT_LOADERS", "KINDS", "LOADERS", "PARTS", "VERDICTS", "FileFacts", "LoaderVerdict", "ModuleFacts",
+           "file_facts", "judge", "judge_dit", "module_facts", "naming"]
 
 #: Verdicts from best to worst; a loader's verdict is the worst over its issues.
 VERDICTS = ("exact", "approximate", "wrong", "fails")
@@ -137,6 +138,7 @@ class FileFacts:
     unknown_keys: int
     axis_hint: str | None
     comfy_error: float | None
+    modules: list[ModuleFacts] = field(default_factory=list)
 
 
 def naming(values: Sequence[str | None]) -> str:
@@ -198,6 +200,7 @@ def file_facts(modules: Sequence[ModuleFacts], groups: Mapping[str, Mapping[str,
         unknown_keys=unknown_keys,
         axis_hint=axis_hint,
         comfy_error=None if base is None or not out_axis else _comfy_out_axis_error(out_axis, groups, base),
+        modules=list(modules),
     )
 
 
@@ -386,6 +389,61 @@ def judge(f: FileFacts) -> dict[str, LoaderVerdict]:
         issues = _common(f, loader) + issues
         if f.unknown_keys and loader != "diffusers":
             notes.append(f"{f.unknown_keys} keys are not LoRA/DoRA tensors (LoHa/LoKr/other): not judged here")
+        verdict = max((severity for severity, _ in issues), key=VERDICTS.index, default="exact")
+        out[loader] = LoaderVerdict(verdict, [reason for _, reason in issues], notes)
+    return out
+
+
+# -- DiT families -------------------------------------------------------------------------------------------------
+#: the loaders judged for each DiT family's files; the others (A1111, InvokeAI, SD.Next, LyCORIS) were not looked at
+DIT_LOADERS = {
+    "flux": ("ComfyUI", "ComfyUI + DoRA Loader node", "Forge", "diffusers", "diffusers + dora_network helper"),
+    "sd3": ("ComfyUI", "ComfyUI + DoRA Loader node", "diffusers", "diffusers + dora_network helper"),
+    "hunyuan_image": ("ComfyUI", "ComfyUI + DoRA Loader node"),
+}
+
+
+def _dit_diffusers(f: FileFacts, family: str) -> tuple[list[_Issue], list[str]]:
+    """Measured with diffusers 0.42.1 (tests/test_diffusers_dit.py's models): lora_state_dict drops every dora_scale;
+    FLUX.1 kohya names are converted (its converter assumes the 3072 width), SD3 kohya names are not converted at
+    all, so load_lora_into_transformer adds no adapter."""
+    if family == "sd3":
+        return [("fails", f"{f.total} modules with sd-scripts' SD3 names: diffusers does not convert them and loads "
+                          f"no adapter (silently; it also drops dora_scale); use "
+                          f"dora_network.integrations.diffusers_loader.apply_dora_to_pipeline")], []
+    issues, notes = _diffusers(f)
+    return issues, notes
+
+
+def _hunyuan_comfy(f: FileFacts) -> tuple[list[_Issue], list[str]]:
+    issues, notes = _comfy_like(f, "ComfyUI")
+    renamed = [m for m in f.modules if re.search(r"_(mlp_fc[12]|mod_linear|modulation_linear)$", m.name)]
+    if renamed:
+        issues.append((_partial(len(renamed), f.total),
+                       f"{len(renamed)} modules use sd-scripts' HunyuanImage names (img_mlp_fc1, img_mod_linear, "
+                       f"modulation_linear) that ComfyUI's model spells img_mlp_0, img_mod_lin, modulation_lin "
+                       f"('lora key not loaded'); fix: dora-convert --unet_names comfy, or the DoRA Loader node"))
+    return issues, notes
+
+
+def judge_dit(f: FileFacts, family: str) -> dict[str, LoaderVerdict]:
+    """Loader -> verdict for a DiT family's file (FLUX.1, SD3, HunyuanImage-2.1); empty for families not judged.
+
+    ComfyUI's and Forge's DoRA code is the same for every family (``weight_decompose``: exact in-axis, ||W0|| for
+    out-axis), and they place these families' sd-scripts names (but HunyuanImage's four renamed layer types); the
+    node and our diffusers helper are tested on each family (tests/test_comfyui_families.py, test_diffusers_dit.py).
+    """
+    rules: dict[str, Callable[[], tuple[list[_Issue], list[str]]]] = {
+        "ComfyUI": (lambda: _hunyuan_comfy(f)) if family == "hunyuan_image" else (lambda: _comfy_like(f, "ComfyUI")),
+        "ComfyUI + DoRA Loader node": lambda: _helper(f),
+        "Forge": lambda: _comfy_like(f, "Forge"),
+        "diffusers": lambda: _dit_diffusers(f, family),
+        "diffusers + dora_network helper": lambda: _helper(f),
+    }
+    out: dict[str, LoaderVerdict] = {}
+    for loader in DIT_LOADERS.get(family, ()):
+        issues, notes = rules[loader]()
+        issues = _common(f, loader) + issues
         verdict = max((severity for severity, _ in issues), key=VERDICTS.index, default="exact")
         out[loader] = LoaderVerdict(verdict, [reason for _, reason in issues], notes)
     return out
