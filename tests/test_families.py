@@ -77,7 +77,8 @@ def test_flux_names_equal_lora_flux_golden(flux_meta, name, network_args):
     assert all(p.device.type == "meta" for p in network.parameters())
 
 
-@pytest.mark.parametrize("name, network_args", [("anima", {}), ("anima_train_llm_adapter", {"train_llm_adapter": "true"})])
+@pytest.mark.parametrize("name, network_args", [("anima", {}),
+                                                ("anima_train_llm_adapter", {"train_llm_adapter": "true"})])
 def test_anima_names_equal_lora_anima_golden(anima_meta, name, network_args):
     text_encoders, anima = anima_meta
     network = create_network(1.0, 4, 1, None, text_encoders, anima, **network_args)
@@ -305,14 +306,16 @@ def _sd3_case():
 def _lumina_case():
     text_encoders, nextdit = [build_gemma2("cpu", tiny=True)], build_lumina("cpu", tiny=True)
     gen = torch.Generator().manual_seed(1)
-    inputs = (torch.randn(2, 6, 8, generator=gen), torch.randn(2, 8, generator=gen), torch.randn(2, 5, 16, generator=gen))
+    inputs = (torch.randn(2, 6, 8, generator=gen), torch.randn(2, 8, generator=gen),
+              torch.randn(2, 5, 16, generator=gen))
     return text_encoders, nextdit, lambda model: model(*inputs), {"embedder_dims": "[2,2,2]"}
 
 
 def _hunyuan_image_case():
     dit = build_hunyuan_image("cpu", tiny=True)
     gen = torch.Generator().manual_seed(1)
-    inputs = (torch.randn(2, 6, 8, generator=gen), torch.randn(2, 5, 16, generator=gen), torch.randn(2, 8, generator=gen))
+    inputs = (torch.randn(2, 6, 8, generator=gen), torch.randn(2, 5, 16, generator=gen),
+              torch.randn(2, 8, generator=gen))
     return [], dit, lambda model: model(*inputs), {}
 
 

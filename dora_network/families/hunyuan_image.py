@@ -50,7 +50,8 @@ class HunyuanImageFamily(Family):
     trainers = "hunyuan_image_train_network.py"
     sd_scripts_module = "networks.lora_hunyuan_image"
     #: sd-scripts' spelling only: ComfyUI's (img_mlp_0, img_mod_lin, modulation_lin) is FLUX.1's too
-    file_pattern = r"lora_unet_(double_blocks_\d+_(img|txt)_(mod_linear|mlp_fc[12])|single_blocks_\d+_modulation_linear)"
+    file_pattern = (r"lora_unet_(double_blocks_\d+_(img|txt)_(mod_linear|mlp_fc[12])"
+                    r"|single_blocks_\d+_modulation_linear)")
     options = {
         "split_qkv": parse_flag,
         "ggpo_beta": refused_option(NO_GGPO),

@@ -49,7 +49,8 @@ class SD3Family(Family):
     file_pattern = r"lora_unet_joint_blocks_\d+_(context|x)_block_.*"
     diffusers_classes = ("SD3Transformer2DModel",)
     diffusers_transformer = (
-        (r"joint_blocks_(\d+)_x_block_attn_qkv", ("transformer_blocks.{0}.attn.to_q", "transformer_blocks.{0}.attn.to_k",
+        (r"joint_blocks_(\d+)_x_block_attn_qkv", ("transformer_blocks.{0}.attn.to_q",
+                                                  "transformer_blocks.{0}.attn.to_k",
                                                   "transformer_blocks.{0}.attn.to_v")),
         (r"joint_blocks_(\d+)_x_block_attn_proj", ("transformer_blocks.{0}.attn.to_out.0",)),
         (r"joint_blocks_(\d+)_x_block_attn2_qkv", ("transformer_blocks.{0}.attn2.to_q",

@@ -9,7 +9,8 @@ pipeline's ``unet`` or ``transformer`` and its text encoders, reusing this packa
 (``functional``). sd-scripts names FLUX.1/SD3 layers as the original models do; diffusers splits some of them
 (FLUX's fused ``qkv`` is ``to_q``/``to_k``/``to_v``, ``linear1`` adds ``proj_mlp``) and keeps its
 ``AdaLayerNormContinuous`` outputs as (scale, shift): each such layer is handled as one weight made of those rows
-(the family's ``diffusers_transformer`` table), so the DoRA norm is the fused weight's, as trained. The returned :class:`DoRAPatch` changes the strength or puts the original weights back bit for bit.
+(the family's ``diffusers_transformer`` table), so the DoRA norm is the fused weight's, as trained. The returned
+:class:`DoRAPatch` changes the strength or puts the original weights back bit for bit.
 
 Example::
 

@@ -12,7 +12,8 @@ copied) or a single SAI ``.safetensors`` (``model.diffusion_model.*``, TE1 ``con
 text_model.*``, TE2 in OpenCLIP form ``conditioner.embedders.1.model.transformer.resblocks.N.*`` whose fused
 ``attn.in_proj_weight`` (3d, d) holds q, k, v; a q/k/v module updates its row slice), an SD3.5 single file
 (``model.diffusion_model.joint_blocks.*``, ``text_encoders.clip_l|clip_g|t5xxl.transformer.*``) or BFL's FLUX.1 file
-(bare ``double_blocks.*``/``single_blocks.*``; fused ``qkv``/``linear1`` are one module each). File module names in either
+(bare ``double_blocks.*``/``single_blocks.*``; fused ``qkv``/``linear1`` are one module each). File module names in
+either
 UNet spelling (SAI or diffusers) and TE names with or without ``text_model_`` resolve through loading.match_file.
 The key mapping is ``checkpoint_layout``'s, shared with dora-inspect and dora-convert.
 
