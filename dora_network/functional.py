@@ -152,11 +152,19 @@ def activation_scales(
     return c_base, c
 
 
+def _scaled_sum(gram: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """s^2 * gram + 2s * (m1 @ m2): one addmm for a number; tensor arithmetic for a tensor scale (torch.compile
+    passes one, and addmm's alpha/beta must be numbers)."""
+    if isinstance(scale, torch.Tensor):
+        return (scale * scale) * gram + (2.0 * scale) * (m1 @ m2)
+    return torch.addmm(gram, m1, m2, beta=scale * scale, alpha=2.0 * scale)
+
+
 def adapted_norm(
     base: torch.Tensor,
     up: torch.Tensor,
     down: torch.Tensor,
-    scale: float,
+    scale: float | torch.Tensor,
     wd_on_out: bool,
     mid: torch.Tensor | None = None,
     base_sq: torch.Tensor | None = None,
@@ -196,13 +204,18 @@ def adapted_norm(
         a = down.to(acc).reshape(b.shape[1], -1)  # (r, in*kh*kw)
     if base_sq is None:
         base_sq = weight_norm(base, wd_on_out).to(acc).square()
+    # 2s * cross + s^2 * gram in one product per axis: the big contraction and the r x r Gram term are summed by
+    # addmm, and one row-wise dot with the other factor finishes it (fewer passes than two products and sums)
     if wd_on_out:
-        cross = (b * (a @ w0.T).T).sum(1)  # (out,); A W0^T streams W0 row by row, ~2x faster than W0 A^T on CPU
-        gram = (b * (b @ (a @ a.T))).sum(1)
+        # (r, out); A W0^T streams W0 row by row, ~2x faster than W0 A^T on CPU
+        terms = _scaled_sum((a @ a.T) @ b.T, a, w0.T, scale)
+        extra = torch.linalg.vecdot(b.T, terms, dim=0)  # (out,)
     else:
-        cross = (a * (b.T @ w0)).sum(0).reshape(in_dim, -1).sum(1)  # (in,)
-        gram = (a * ((b.T @ b) @ a)).sum(0).reshape(in_dim, -1).sum(1)
-    squared = base_sq.reshape(-1) + (2.0 * scale) * cross + (scale * scale) * gram
+        terms = _scaled_sum((b.T @ b) @ a, b.T, w0, scale)  # (r, in*kh*kw)
+        extra = torch.linalg.vecdot(a, terms, dim=0)
+        if extra.numel() != in_dim:
+            extra = extra.reshape(in_dim, -1).sum(1)  # kxk convs: a column is (i, h, w) summed over (h, w)
+    squared = base_sq.reshape(-1) + extra
     return squared.clamp_min(0.0).sqrt().reshape(base_sq.shape)
 
 
