@@ -25,6 +25,8 @@ __all__ = [
     "OptionParser",
     "TextEncoderSlot",
     "class_names",
+    "diffusers_joint_block",
+    "type_dim",
     "parse_block_selection",
     "parse_flag",
     "parse_int_list",
@@ -154,6 +156,36 @@ def parse_flag(key: str, value: Any) -> bool:
     from ..args import parse_bool
 
     return parse_bool(key, value)
+
+
+def type_dim(lora_name: str, options: Mapping[str, Any], type_dims: Sequence[tuple[str, tuple[str, ...]]]
+             ) -> int | None:
+    """The rank the first per-type option whose name parts all occur in ``lora_name`` sets (sd-scripts' rule for
+    FLUX's img_attn_dim, SD3's x_mlp_dim, Lumina's attn_dim, ...), or None."""
+    for key, parts in type_dims:
+        if options.get(key) is not None and all(part in lora_name for part in parts):
+            return options[key]
+    return None
+
+
+def diffusers_joint_block(img: str, txt: str, qkv: str, proj: str, fc1: str, fc2: str,
+                          mod: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``diffusers_transformer`` rows for an MM-DiT double block as diffusers names it (FLUX.1 and SD3 alike):
+    ``img``/``txt`` are the two streams' lora_name stems with the block index as a group, the other arguments the
+    family's names of the fused qkv, attention output, MLP in/out and modulation layers."""
+    block = "transformer_blocks.{0}."
+    return (
+        (img + qkv, tuple(block + f"attn.to_{p}" for p in "qkv")),
+        (img + proj, (block + "attn.to_out.0",)),
+        (img + fc1, (block + "ff.net.0.proj",)),
+        (img + fc2, (block + "ff.net.2",)),
+        (img + mod, (block + "norm1.linear",)),
+        (txt + qkv, tuple(block + f"attn.add_{p}_proj" for p in "qkv")),
+        (txt + proj, (block + "attn.to_add_out",)),
+        (txt + fc1, (block + "ff_context.net.0.proj",)),
+        (txt + fc2, (block + "ff_context.net.2",)),
+        (txt + mod, (block + "norm1_context.linear",)),
+    )
 
 
 NO_GGPO = "LoRA-GGPO perturbs the plain-LoRA product and has no DoRA form; leave it out"

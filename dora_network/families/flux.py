@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from torch import nn
 
-from .base import (NO_GGPO, Family, TextEncoderSlot, class_names, parse_block_selection, parse_flag,
-                   parse_int_list, parse_optional_rank, refused_option)
+from .base import (NO_GGPO, Family, TextEncoderSlot, class_names, diffusers_joint_block, parse_block_selection,
+                   parse_flag, parse_int_list, parse_optional_rank, refused_option, type_dim)
 from .sd import CLIP_CLASSES
 
 if TYPE_CHECKING:
@@ -58,19 +58,8 @@ class FluxFamily(Family):
                         "final_layer")
     diffusers_classes = ("FluxTransformer2DModel",)
     diffusers_transformer = (
-        (r"double_blocks_(\d+)_img_attn_qkv", ("transformer_blocks.{0}.attn.to_q", "transformer_blocks.{0}.attn.to_k",
-                                               "transformer_blocks.{0}.attn.to_v")),
-        (r"double_blocks_(\d+)_img_attn_proj", ("transformer_blocks.{0}.attn.to_out.0",)),
-        (r"double_blocks_(\d+)_img_mlp_0", ("transformer_blocks.{0}.ff.net.0.proj",)),
-        (r"double_blocks_(\d+)_img_mlp_2", ("transformer_blocks.{0}.ff.net.2",)),
-        (r"double_blocks_(\d+)_img_mod_lin", ("transformer_blocks.{0}.norm1.linear",)),
-        (r"double_blocks_(\d+)_txt_attn_qkv", ("transformer_blocks.{0}.attn.add_q_proj",
-                                               "transformer_blocks.{0}.attn.add_k_proj",
-                                               "transformer_blocks.{0}.attn.add_v_proj")),
-        (r"double_blocks_(\d+)_txt_attn_proj", ("transformer_blocks.{0}.attn.to_add_out",)),
-        (r"double_blocks_(\d+)_txt_mlp_0", ("transformer_blocks.{0}.ff_context.net.0.proj",)),
-        (r"double_blocks_(\d+)_txt_mlp_2", ("transformer_blocks.{0}.ff_context.net.2",)),
-        (r"double_blocks_(\d+)_txt_mod_lin", ("transformer_blocks.{0}.norm1_context.linear",)),
+        *diffusers_joint_block(r"double_blocks_(\d+)_img_", r"double_blocks_(\d+)_txt_", "attn_qkv", "attn_proj",
+                               "mlp_0", "mlp_2", "mod_lin"),
         (r"single_blocks_(\d+)_linear1", ("single_transformer_blocks.{0}.attn.to_q",
                                           "single_transformer_blocks.{0}.attn.to_k",
                                           "single_transformer_blocks.{0}.attn.to_v",
@@ -123,11 +112,7 @@ class FluxFamily(Family):
 
     def type_rank(self, lora_name: str, path: str, args: NetworkArgs) -> int | None:
         options = args.family_options
-        rank = None
-        for key, parts in TYPE_DIMS:
-            if options.get(key) is not None and all(part in lora_name for part in parts):
-                rank = options[key]
-                break
+        rank = type_dim(lora_name, options, TYPE_DIMS)
         for stack, key in (("double_blocks", "train_double_block_indices"),
                            ("single_blocks", "train_single_block_indices")):
             chosen = options.get(key)

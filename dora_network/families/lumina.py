@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from torch import nn
 
-from .base import Family, TextEncoderSlot, class_names, parse_flag, parse_int_list, parse_optional_rank
+from .base import Family, TextEncoderSlot, class_names, parse_flag, parse_int_list, parse_optional_rank, type_dim
 
 if TYPE_CHECKING:
     from ..args import NetworkArgs
@@ -22,7 +22,8 @@ __all__ = ["LUMINA", "LuminaFamily"]
 GEMMA2_CLASSES = (r"Gemma2\w*Attention\w*", "Gemma2MLP")
 #: per-type rank options and the lora_name part that picks their layers, first match wins (sd-scripts' order;
 #: its "mlp" names no NextDiT layer, whose feed-forward is ``feed_forward``, so mlp_dim changes nothing there)
-TYPE_DIMS = (("attn_dim", "attention"), ("mlp_dim", "mlp"), ("mod_dim", "modulation"), ("refiner_dim", "refiner"))
+TYPE_DIMS = (("attn_dim", ("attention",)), ("mlp_dim", ("mlp",)), ("mod_dim", ("modulation",)),
+             ("refiner_dim", ("refiner",)))
 #: embedder_dims positions: the lora_name part of each embedder
 EMBEDDERS = ("x_embedder", "t_embedder", "cap_embedder")
 #: train_blocks choices -> the lora_name parts that keep a layer (None: every block and the final layer)
@@ -76,11 +77,7 @@ class LuminaFamily(Family):
         return component != "unet" or keep is None or any(part in lora_name for part in keep)
 
     def type_rank(self, lora_name: str, path: str, args: NetworkArgs) -> int | None:
-        options = args.family_options
-        for key, part in TYPE_DIMS:
-            if options.get(key) is not None and part in lora_name:
-                return options[key]
-        return None
+        return type_dim(lora_name, args.family_options, TYPE_DIMS)
 
     def fused_parts(self, path: str, in_features: int, out_features: int) -> tuple[int, ...] | None:
         """``split_qkv``: q has the model's width, k and v share the rest (grouped-query attention)."""

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from torch import nn
 
-from .base import (Family, TextEncoderSlot, class_names, parse_block_selection, parse_flag, parse_int_list,
-                   parse_optional_rank)
+from .base import (Family, TextEncoderSlot, class_names, diffusers_joint_block, parse_block_selection, parse_flag,
+                   parse_int_list, parse_optional_rank, type_dim)
 from .flux import T5_CLASSES
 from .sd import CLIP_CLASSES
 
@@ -49,24 +49,12 @@ class SD3Family(Family):
     file_pattern = r"lora_unet_joint_blocks_\d+_(context|x)_block_.*"
     diffusers_classes = ("SD3Transformer2DModel",)
     diffusers_transformer = (
-        (r"joint_blocks_(\d+)_x_block_attn_qkv", ("transformer_blocks.{0}.attn.to_q",
-                                                  "transformer_blocks.{0}.attn.to_k",
-                                                  "transformer_blocks.{0}.attn.to_v")),
-        (r"joint_blocks_(\d+)_x_block_attn_proj", ("transformer_blocks.{0}.attn.to_out.0",)),
+        *diffusers_joint_block(r"joint_blocks_(\d+)_x_block_", r"joint_blocks_(\d+)_context_block_", "attn_qkv",
+                               "attn_proj", "mlp_fc1", "mlp_fc2", "adaLN_modulation_1"),
         (r"joint_blocks_(\d+)_x_block_attn2_qkv", ("transformer_blocks.{0}.attn2.to_q",
                                                    "transformer_blocks.{0}.attn2.to_k",
                                                    "transformer_blocks.{0}.attn2.to_v")),
         (r"joint_blocks_(\d+)_x_block_attn2_proj", ("transformer_blocks.{0}.attn2.to_out.0",)),
-        (r"joint_blocks_(\d+)_x_block_mlp_fc1", ("transformer_blocks.{0}.ff.net.0.proj",)),
-        (r"joint_blocks_(\d+)_x_block_mlp_fc2", ("transformer_blocks.{0}.ff.net.2",)),
-        (r"joint_blocks_(\d+)_x_block_adaLN_modulation_1", ("transformer_blocks.{0}.norm1.linear",)),
-        (r"joint_blocks_(\d+)_context_block_attn_qkv", ("transformer_blocks.{0}.attn.add_q_proj",
-                                                        "transformer_blocks.{0}.attn.add_k_proj",
-                                                        "transformer_blocks.{0}.attn.add_v_proj")),
-        (r"joint_blocks_(\d+)_context_block_attn_proj", ("transformer_blocks.{0}.attn.to_add_out",)),
-        (r"joint_blocks_(\d+)_context_block_mlp_fc1", ("transformer_blocks.{0}.ff_context.net.0.proj",)),
-        (r"joint_blocks_(\d+)_context_block_mlp_fc2", ("transformer_blocks.{0}.ff_context.net.2",)),
-        (r"joint_blocks_(\d+)_context_block_adaLN_modulation_1", ("transformer_blocks.{0}.norm1_context.linear",)),
         (r"x_embedder_proj", ("pos_embed.proj",)),
         (r"context_embedder", ("context_embedder",)),
         (r"t_embedder_mlp_0", ("time_text_embed.timestep_embedder.linear_1",)),
@@ -106,11 +94,7 @@ class SD3Family(Family):
 
     def type_rank(self, lora_name: str, path: str, args: NetworkArgs) -> int | None:
         options = args.family_options
-        rank = None
-        for key, parts in TYPE_DIMS:
-            if options.get(key) is not None and all(part in lora_name for part in parts):
-                rank = options[key]
-                break
+        rank = type_dim(lora_name, options, TYPE_DIMS)
         chosen = options.get("train_block_indices")
         head = path.split(".")
         if rank != 0 and chosen is not None and head[0] == "joint_blocks" and not chosen[int(head[1])]:
