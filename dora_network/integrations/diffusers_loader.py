@@ -242,8 +242,13 @@ def apply_dora_to_pipeline(
         encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
         while encoders and encoders[-1] is None:
             encoders.pop()
-        targets = every_layer(encoders, None, family) + _transformer_targets(
-            family, transformer, [n for n in names if n.startswith("lora_unet_")])
+        denoiser = [n for n in names if n.startswith("lora_unet_")]
+        placed = _transformer_targets(family, transformer, denoiser)
+        if denoiser and not placed:
+            raise ValueError(
+                f"none of the file's {len(denoiser)} denoiser modules (e.g. {denoiser[:3]}) is a {family.title} "
+                f"layer of this {type(transformer).__name__}: the file is probably for another model")
+        targets = every_layer(encoders, None, family) + placed
     else:
         encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
         encoders = [te for te in encoders if te is not None]
