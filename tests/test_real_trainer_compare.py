@@ -18,7 +18,7 @@ sys.modules["compare"] = compare
 spec.loader.exec_module(compare)
 
 FAKE = """#!/usr/bin/env bash
-# stand-in for ../shared/sd-scripts/run_train.sh: prints what the real one prints, in its format
+# stand-in for the harness's run_train.sh: prints what the real one prints, in its format
 trainer=$1; module=$2; shift 2
 echo "$module ${SDSCRIPTS_PYTHONPATH:-none} $SDSCRIPTS_DIM $SDSCRIPTS_ALPHA $*" >> "$LOG"
 n=$(wc -l < "$LOG")
